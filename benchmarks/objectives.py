@@ -24,7 +24,6 @@ from kdforge.config import JobConfig, validate_config
 from kdforge.engine.module import DistillationModule
 from kdforge.engine.predict import predict
 from kdforge.engine.trainer import make_accelerator, seed_everything
-from kdforge.evaluation.evaluate import task_scores
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.student import build_student
@@ -86,9 +85,8 @@ def run_one(config: JobConfig, task, teacher, cache: TeacherCache) -> dict:
                      run_dir, "bench", False, accelerator=make_accelerator(config.train),
                      collate_fn=IndexedCollator(task.collator(student.tokenizer, train=True)))
     seconds = time.perf_counter() - start
-    logits, labels = predict(ModelAdapter(student.model), dev, task.collator(student.tokenizer), 64)
-    metrics, ece, _ = task_scores(task, logits, labels, 15)
-    return {"metrics": metrics, "ece": ece, "seconds": seconds}
+    scores = task.evaluate(ModelAdapter(student.model), dev, task.collator(student.tokenizer), 64)
+    return {"metrics": scores.metrics, "ece": scores.ece, "seconds": seconds}
 
 
 def mean_std(values: list[float]) -> str:

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: synthetic sentiment rows and tiny random-init BERTs."""
+"""Helpers shared by the tests: synthetic sentiment rows, tiny random-init BERTs and Llamas, a small BPE tokenizer."""
 
 import csv
 import random
@@ -38,3 +38,37 @@ def tiny_bert(vocab_size: int, num_labels: int = 2, layers: int = 4, hidden: int
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
                         num_labels=num_labels, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     return BertForSequenceClassification(config)
+
+
+WORDS = "the a cat dog bird sat ran flew on under over mat tree house quickly slowly red green big small".split()
+
+
+def bpe_corpus(n: int = 40, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(n)] + ["the cat sat on the mat"] * 5
+
+
+def train_bpe_tokenizer():
+    """A byte-level BPE tokenizer (330 ids: <pad> <s> </s>, bytes, merges) trained on :func:`bpe_corpus`,
+    plus an added special token <|end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(bpe_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})  # an added token after the vocab
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int, hidden: int, layers: int = 1, tie: bool = True, eos_token_id: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=eos_token_id,
+                                        tie_word_embeddings=tie)).eval()

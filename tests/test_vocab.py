@@ -1,7 +1,6 @@
 """GLMD vocabulary compression: frequencies, kept ids, nearest-kept mapping, model surgery and plain-HF export."""
 
 import json
-import random
 from collections import Counter
 
 import pytest
@@ -17,6 +16,7 @@ from kdforge.models.vocab import (
     restrict_teacher_logits,
     token_frequencies,
 )
+from tests.helpers import bpe_corpus, tiny_llama, train_bpe_tokenizer
 
 # -- a hand-made WordPiece tokenizer: frequencies and kept ids by hand ------------------------------------------
 
@@ -106,37 +106,13 @@ def test_restrict_teacher_logits_takes_kept_columns_in_student_order():
 
 # -- a byte-level BPE tokenizer trained here, with tiny Llama models --------------------------------------------
 
-WORDS = "the a cat dog bird sat ran flew on under over mat tree house quickly slowly red green big small".split()
-
-
-def bpe_corpus():
-    rng = random.Random(0)
-    return [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(40)] + ["the cat sat on the mat"] * 5
-
-
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(bpe_corpus(), trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})  # an added token after the vocab
-    return tokenizer
+    return train_bpe_tokenizer()
 
 
 def llama(vocab_size, hidden, tie, end_id):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                        pad_token_id=0, bos_token_id=1, eos_token_id=end_id,
-                                        tie_word_embeddings=tie)).eval()
+    return tiny_llama(vocab_size, hidden, tie=tie, eos_token_id=end_id)
 
 
 def merge_parts(tokenizer):
@@ -318,3 +294,44 @@ def test_compressed_student_feeds_word_kd_with_the_teachers_kept_logits(bpe_toke
     value = objective(Outputs(s_logits), Outputs(t_logits), dict(batch), Progress())
     expected = word_kd_loss(s_logits, t_logits[..., kept], 15.0, batch.attention_mask)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_student_ids_collator_gives_each_model_its_own_ids():
+    from kdforge.models.vocab import StudentIdsCollator
+
+    id_map = torch.tensor([0, 1, 2, 2, 3])  # teacher id 3 was dropped, it stands in as student id 2
+    batch = StudentIdsCollator(lambda examples: {"input_ids": torch.tensor([[4, 3, 0]]),
+                                                 "labels": torch.tensor([[4, 3, -100]]),
+                                                 "attention_mask": torch.tensor([[1, 1, 0]])}, id_map)([{}])
+    assert batch["teacher_input_ids"].tolist() == [[4, 3, 0]]
+    assert batch["input_ids"].tolist() == [[3, 2, 0]]
+    assert batch["labels"].tolist() == [[3, 2, -100]]  # padding stays ignored
+
+
+def test_teacher_adapter_reads_the_teacher_ids():
+    from kdforge.models.adapter import ModelAdapter
+
+    batch = {"inputs": torch.tensor([1.0]), "input_ids": torch.tensor([[1]]), "teacher_input_ids": torch.tensor([[9]])}
+    seen = {}
+
+    class Spy(torch.nn.Module):
+        config = type("C", (), {"_attn_implementation": "sdpa"})()
+
+        def save_pretrained(self, *args):  # looks like an HF model to the adapter
+            pass
+
+        def forward(self, **inputs):
+            seen.update(inputs)
+            return type("O", (), {"logits": torch.zeros(1, 1, 2)})()
+
+    ModelAdapter(Spy(), teacher=True)(batch)
+    assert seen["input_ids"].tolist() == [[9]] and "teacher_input_ids" not in seen
+    ModelAdapter(Spy())(batch)
+    assert seen["input_ids"].tolist() == [[1]]
+
+
+def test_latency_inputs_stay_inside_a_compressed_vocabulary(bpe_tokenizer):
+    from kdforge.evaluation.latency import text_inputs
+
+    ids = text_inputs(bpe_tokenizer, 8, 32, vocab_limit=20)["input_ids"]  # the tokenizer has 331 strings
+    assert int(ids.max()) < 20 and int(ids.min()) >= 1

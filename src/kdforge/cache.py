@@ -11,16 +11,23 @@ hooked features, and training inputs without random augmentation.
 Storage options (``teacher_cache`` in the config):
 * ``dtype: float16`` halves the size; logits then differ from the teacher's by fp16 rounding.
 * ``top_k: K`` keeps the K largest logits of each row plus the remaining probability mass; the
-  other classes are filled with equal shares of that mass, so at T = 1 the reconstructed
-  distribution has the teacher's top-K probabilities exactly (for large vocabularies).
+  other classes are filled with equal shares of that mass, so at the temperature of the stage's
+  KD loss the reconstructed distribution has the teacher's top-K probabilities exactly (for large
+  vocabularies).
 * ``hidden_states: [i, ...]`` also keeps those hidden states (0 = embedding output) token by
   token (padding dropped); a batch gets them back padded to its own length.
+
+Per-token logits (a language model's (batch, length, vocabulary) outputs, for ``word_kd``) are
+stored token by token too, padding dropped; over a large vocabulary they need ``top_k`` (a
+49k-word vocabulary in float32 is 196 KB per token), and the sparsification then runs batch by
+batch so the dense logits of the whole split never exist at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kdforge.engine.checkpoint import save_torch_atomic
+from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.paths import cache_dir
@@ -43,10 +51,12 @@ class CacheSpec:
     dtype: torch.dtype = torch.float32
     top_k: int | None = None
     hidden_states: tuple[int, ...] = ()
+    temperature: float = 1.0  # at which the top-k tail keeps its mass (see sparsify)
 
     def tag(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{dtype}-k{self.top_k or 'all'}-h{'.'.join(map(str, self.hidden_states)) or 'none'}"
+        tail = f"T{self.temperature:g}" if self.top_k and self.temperature != 1.0 else ""
+        return f"{dtype}-k{self.top_k or 'all'}{tail}-h{'.'.join(map(str, self.hidden_states)) or 'none'}"
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -68,19 +78,29 @@ def cache_key(model: torch.nn.Module, data_fingerprint: str, n_examples: int, to
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def sparsify(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Top-k logits per row, and the logit that gives each other class an equal share of the rest:
-    fill = logsumexp(z) + log((1 - sum_topk p) / (C - k))."""
+def sparsify(logits: torch.Tensor, k: int, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Top-k logits per row, and the logit ``fill`` that gives each of the other C - k classes an
+    equal share of their probability mass at temperature T, so the reconstructed softmax(z / T)
+    has the teacher's top-k probabilities exactly:
+
+        (C - k) exp(fill / T) = sum_{i not in top-k} exp(z_i / T)
+        fill = T * (logsumexp_{i not in top-k}(z_i / T) - log(C - k))
+
+    T should be the temperature of the loss that reads the cache (a tail matched at T = 1 is far
+    off at T = 15, where the many small logits carry most of the mass)."""
     values, indices = logits.topk(k, dim=-1)
-    lse = logits.logsumexp(-1)
-    kept = (values - lse[:, None]).exp().sum(-1)
-    rest = (1 - kept).clamp_min(1e-12) / max(1, logits.shape[-1] - k)
-    return {"values": values, "indices": indices, "fill": lse + rest.log()}
+    rest = (logits / temperature).scatter(-1, indices, float("-inf")).logsumexp(-1)
+    return {"values": values, "indices": indices,
+            "fill": temperature * (rest - math.log(max(1, logits.shape[-1] - k)))}
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, fill: torch.Tensor, num_classes: int) -> torch.Tensor:
     dense = fill[:, None].expand(len(fill), num_classes).clone()
     return dense.scatter_(1, indices, values)
+
+
+#: largest vocabulary whose per-token logits are cached densely (above it, teacher_cache.top_k is required)
+DENSE_TOKEN_LOGITS_MAX = 4096
 
 
 class TeacherCache:
@@ -89,6 +109,21 @@ class TeacherCache:
     def __init__(self, store: dict, key: str):
         self.store = store
         self.key = key
+
+    def token_logits(self, index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, L, V) logits of the examples ``index`` at the real positions of ``mask`` (N, L); 0 elsewhere."""
+        tokens = self.store["tokens"]
+        offsets, num_classes = tokens["offsets"], self.store["num_classes"]
+        out = torch.zeros((*mask.shape, num_classes))
+        for row, i in enumerate(index.tolist()):
+            start, end = int(offsets[i]), int(offsets[i + 1])
+            if "logits" in tokens:
+                values = tokens["logits"][start:end].float()
+            else:
+                values = densify(tokens["values"][start:end].float(), tokens["indices"][start:end].long(),
+                                 tokens["fill"][start:end].float(), num_classes)
+            out[row][mask[row].bool()] = values
+        return out
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         s = self.store
@@ -117,7 +152,9 @@ class TeacherCache:
         device = batch["index"].device
         length = batch["attention_mask"].shape[1] if "attention_mask" in batch else 0
         hidden = self.hidden_states(index, length)
-        return Outputs(logits=self.logits(index).to(device),
+        logits = self.token_logits(index, batch["attention_mask"].cpu()) if "tokens" in self.store \
+            else self.logits(index)
+        return Outputs(logits=logits.to(device),
                        hidden_states=None if hidden is None else tuple(
                            None if h is None else h.to(device) for h in hidden))
 
@@ -154,30 +191,56 @@ def compute_outputs(teacher: torch.nn.Module, data: Dataset, collate_fn, batch_s
         for batch in tqdm(loader, desc="teacher outputs", leave=False, disable=None):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = adapter(batch)
-            logits.append(out.logits.float().cpu())
-            if spec.hidden_states:
-                mask = batch.get("attention_mask")
-                n_tokens = mask.sum(-1).cpu() if mask is not None else torch.full(
-                    (len(out.logits),), out.hidden_states[0].shape[1])
+            mask = batch.get("attention_mask")
+            n_tokens = mask.sum(-1).cpu() if mask is not None else None
+            if out.logits.dim() == 3:  # per-token logits: keep the real positions only
+                logits.append(_token_rows(out.logits.float(), mask, spec))
+            else:
+                logits.append(out.logits.float().cpu())
+            if spec.hidden_states or out.logits.dim() == 3:
+                if n_tokens is None:
+                    n_tokens = torch.full((len(out.logits),), out.logits.shape[1] if out.logits.dim() == 3
+                                          else out.hidden_states[0].shape[1])
                 lengths.append(n_tokens)
+            if spec.hidden_states:
                 n_states = len(out.hidden_states)
                 for layer in spec.hidden_states:
                     h = out.hidden_states[layer].cpu()
                     hidden[layer] += [h[b, : int(n)].to(spec.dtype) for b, n in enumerate(n_tokens)]
     finally:
         adapter.train(was_training)
-    all_logits = torch.cat(logits)
-    store: dict = {"num_classes": all_logits.shape[-1], "num_hidden_states": n_states, "hidden": {}}
-    if spec.top_k and spec.top_k < all_logits.shape[-1]:
-        store["topk"] = {k: v.to(spec.dtype) if v.is_floating_point() else v
-                         for k, v in sparsify(all_logits, spec.top_k).items()}
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lengths).cumsum(0)]) if lengths else None
+    store: dict = {"num_hidden_states": n_states, "hidden": {}}
+    if logits and isinstance(logits[0], dict):  # per-token
+        store["num_classes"] = logits[0]["num_classes"]
+        store["tokens"] = {key: torch.cat([part[key] for part in logits])
+                           for key in logits[0] if key != "num_classes"}
+        store["tokens"]["offsets"] = offsets
     else:
-        store["logits"] = all_logits.to(spec.dtype)
-    if spec.hidden_states:
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lengths).cumsum(0)])
-        for layer in spec.hidden_states:
-            store["hidden"][layer] = {"offsets": offsets, "values": torch.cat(hidden[layer])}
+        all_logits = torch.cat(logits)
+        store["num_classes"] = all_logits.shape[-1]
+        if spec.top_k and spec.top_k < all_logits.shape[-1]:
+            store["topk"] = {k: v.to(spec.dtype) if v.is_floating_point() else v
+                             for k, v in sparsify(all_logits, spec.top_k, spec.temperature).items()}
+        else:
+            store["logits"] = all_logits.to(spec.dtype)
+    for layer in spec.hidden_states:
+        store["hidden"][layer] = {"offsets": offsets, "values": torch.cat(hidden[layer])}
     return store
+
+
+def _token_rows(logits: torch.Tensor, mask: torch.Tensor | None, spec: CacheSpec) -> dict:
+    """The (T, V) logits of a batch's real positions (in order), stored as ``spec`` says."""
+    vocab = logits.shape[-1]
+    rows = logits[mask.bool()] if mask is not None else logits.reshape(-1, vocab)
+    if spec.top_k and spec.top_k < vocab:
+        sparse = sparsify(rows, spec.top_k, spec.temperature)
+        return {"num_classes": vocab, "values": sparse["values"].to(spec.dtype).cpu(),
+                "indices": sparse["indices"].to(torch.int32).cpu(), "fill": sparse["fill"].to(spec.dtype).cpu()}
+    if vocab > DENSE_TOKEN_LOGITS_MAX:
+        raise KDForgeError(f"caching the teacher's per-token logits over {vocab} words needs teacher_cache.top_k "
+                           f"(e.g. `--set teacher_cache.top_k=64`) or `--set teacher_cache.enabled=false`")
+    return {"num_classes": vocab, "logits": rows.to(spec.dtype).cpu()}
 
 
 class IndexedDataset(Dataset):

@@ -28,11 +28,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CorpusConfig(Strict):
+    """Unlabeled text for general-distillation stages: sentences of GLUE training files and/or
+    plain-text files (one passage per line)."""
+
+    glue: list[Literal["sst2", "mrpc", "rte", "cola", "stsb"]] = Field(default_factory=list)
+    files: list[str] = Field(default_factory=list)
+    limit: PositiveInt | None = Field(None, description="a fixed random sample of this many passages")
+    sample_seed: int = 0
+    max_length: PositiveInt = 128
+
+    @model_validator(mode="after")
+    def _some_text(self) -> CorpusConfig:
+        if not self.glue and not self.files:
+            raise ValueError("give corpus.glue (e.g. [sst2, mrpc]) and/or corpus.files")
+        return self
+
+
 class TaskConfig(Strict):
     """Which data, how it is read and how much of it is used."""
 
     name: str = Field(description="registry name: glue/sst2, glue/mrpc, glue/rte, glue/cola, glue/stsb, "
-                      "csv, jsonl, cifar10, image_folder, digits")
+                      "csv, jsonl, cifar10, image_folder, digits, lm (causal language modelling)")
     data_dir: str | None = Field(None, description="folder (or zip for cifar10); default under ../shared/data "
                                  "or $KDFORGE_DATA")
     train_file: str | None = Field(None, description="csv/jsonl: training file")
@@ -46,6 +63,8 @@ class TaskConfig(Strict):
     train_limit: PositiveInt | None = Field(None, description="use a fixed random sample of this many train rows")
     eval_limit: PositiveInt | None = None
     sample_seed: int = 0
+    corpus: CorpusConfig | None = Field(None, description="lm: the text to model; trained on the GLUE training "
+                                        "files / corpus.files, evaluated on the GLUE dev files / task.dev_file")
 
 
 class FinetuneConfig(Strict):
@@ -71,6 +90,8 @@ class StudentConfig(Strict):
     model: str | None = None
     sps: Literal["swap", "share", "top_half_swap"] | None = Field(
         None, description="Pea-KD shuffled parameter sharing: re-run the layers (Q/K swapped)")
+    vocab_fraction: float | None = Field(None, gt=0, le=1, description="GLMD vocabulary compression: keep this "
+                                         "fraction of the teacher's words (the most frequent in the training text)")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
@@ -131,23 +152,6 @@ class EvalConfig(Strict):
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: PositiveInt = 10
     threads: PositiveInt | None = Field(None, description="torch threads for latency; default: torch's")
-
-
-class CorpusConfig(Strict):
-    """Unlabeled text for general-distillation stages: sentences of GLUE training files and/or
-    plain-text files (one passage per line)."""
-
-    glue: list[Literal["sst2", "mrpc", "rte", "cola", "stsb"]] = Field(default_factory=list)
-    files: list[str] = Field(default_factory=list)
-    limit: PositiveInt | None = Field(None, description="a fixed random sample of this many passages")
-    sample_seed: int = 0
-    max_length: PositiveInt = 128
-
-    @model_validator(mode="after")
-    def _some_text(self) -> CorpusConfig:
-        if not self.glue and not self.files:
-            raise ValueError("give corpus.glue (e.g. [sst2, mrpc]) and/or corpus.files")
-        return self
 
 
 class PTPConfig(Strict):

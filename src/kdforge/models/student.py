@@ -9,6 +9,7 @@ is copied. The student keeps the teacher's tokenizer.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 
 from torch import nn
@@ -17,6 +18,8 @@ from kdforge.config import StudentConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import is_hf_model
 from kdforge.models.loading import LoadedModel, load_model
+
+log = logging.getLogger("kdforge")
 
 
 def layer_stack_path(model: nn.Module) -> str:
@@ -81,7 +84,35 @@ def check_compatible(teacher: LoadedModel, student: LoadedModel) -> None:
                            f"({teacher.source}); use a student built from the teacher or one with the same vocabulary")
 
 
-def build_student(config: StudentConfig, teacher: LoadedModel, task) -> LoadedModel:
+def compress_student_vocabulary(student: LoadedModel, teacher: LoadedModel, texts: list[str],
+                                fraction: float) -> LoadedModel:
+    """GLMD vocabulary compression of a student built from the teacher: keep ``fraction`` of the
+    teacher's words (special tokens and the most frequent in ``texts``), map every dropped word to
+    the kept word whose teacher input embedding has the highest dot product with its own, shrink the
+    student's embedding and output layers (see :mod:`kdforge.models.vocab`). The student gets its
+    own tokenizer; ``word_kd`` restricts the teacher's logits to the kept words."""
+    from kdforge.models.vocab import (
+        choose_kept_ids,
+        compress_vocabulary,
+        mapping_targets,
+        nearest_kept,
+        token_frequencies,
+    )
+
+    if student.tokenizer is None or not hasattr(student.model, "get_input_embeddings"):
+        raise KDForgeError("student.vocab_fraction needs a text model with an input embedding matrix")
+    if not texts:
+        raise KDForgeError("student.vocab_fraction: no training text to count word frequencies in")
+    tokenizer = teacher.tokenizer
+    kept = choose_kept_ids(token_frequencies(tokenizer, texts), tokenizer, fraction)
+    mapping = nearest_kept(teacher.model.get_input_embeddings(), kept, mapping_targets(tokenizer, kept))
+    model, new_tokenizer = compress_vocabulary(student.model, tokenizer, kept, mapping)
+    log.info("student vocabulary compressed to %d of %d words (GLMD)", len(kept), len(tokenizer))
+    return LoadedModel(model, new_tokenizer, f"{student.source} (vocabulary {len(kept)})")
+
+
+def build_student(config: StudentConfig, teacher: LoadedModel, task, texts: list[str] | None = None) -> LoadedModel:
+    """The student ``config`` asks for; ``texts`` (the training text) are needed for ``vocab_fraction``."""
     if config.model is not None:
         student = load_model(config.model, task, "student.model")
         check_compatible(teacher, student)
@@ -97,4 +128,6 @@ def build_student(config: StudentConfig, teacher: LoadedModel, task) -> LoadedMo
 
         make_sps_student(student.model, config.sps)
         student.source += f" (SPS {config.sps})"
+    if config.vocab_fraction is not None:
+        student = compress_student_vocabulary(student, teacher, texts or [], config.vocab_fraction)
     return student

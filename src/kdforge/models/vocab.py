@@ -164,6 +164,27 @@ def remap_ids(input_ids: torch.Tensor, id_map: torch.Tensor) -> torch.Tensor:
     return id_map.to(input_ids.device)[input_ids]
 
 
+class StudentIdsCollator:
+    """Collates with the teacher's tokenizer, then gives a compressed student its own ids: ``input_ids``
+    and token ``labels`` (-100 kept) become ``id_map[teacher id]``; the teacher's ids stay in the batch
+    as ``teacher_input_ids`` (teacher ModelAdapters read them). Segmentation is the same for both
+    tokenizers, so positions line up one to one."""
+
+    def __init__(self, collate_fn, id_map: torch.Tensor):
+        self.collate_fn = collate_fn
+        self.id_map = id_map.cpu()
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate_fn(examples)
+        ids = batch["input_ids"]
+        batch["teacher_input_ids"] = ids
+        batch["input_ids"] = remap_ids(ids, self.id_map)
+        labels = batch.get("labels")
+        if labels is not None and labels.shape == ids.shape:
+            batch["labels"] = torch.where(labels >= 0, remap_ids(labels.clamp_min(0), self.id_map), labels)
+        return batch
+
+
 def compress_vocabulary(student_model: nn.Module, tokenizer, kept_ids: torch.Tensor | Sequence[int],
                         mapping: torch.Tensor | Sequence[int]):
     """Shrink ``student_model`` (in place) to the kept words and build the matching tokenizer.

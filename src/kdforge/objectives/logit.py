@@ -43,6 +43,21 @@ class CrossEntropy(Objective):
         return F.cross_entropy(_class_logits(student.logits, "ce"), batch["labels"])
 
 
+@OBJECTIVES.register("next_token_ce")
+class NextTokenCrossEntropy(Objective):
+    """Causal language-model loss: -1/M sum_j log p_s(x_{j+1} | x_{<=j}) over the M positions whose
+    next token is real (``labels`` -100 at padding; task ``lm`` collates them). The student's
+    loss without a teacher."""
+
+    uses_teacher = False
+
+    def forward(self, student, teacher, batch, progress):
+        from kdforge.tasks.language_model import next_token_targets
+
+        logits, targets = next_token_targets(student.logits, batch["labels"])
+        return F.cross_entropy(logits.float(), targets)
+
+
 @OBJECTIVES.register("mse")
 class MeanSquaredError(Objective):
     """Regression task loss: mean_i (s_i - y_i)^2 on the single output (e.g. STS-B)."""

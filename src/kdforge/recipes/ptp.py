@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from kdforge.config import PTPConfig
 from kdforge.engine.predict import predict
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.evaluate import softmax
+from kdforge.evaluation.calibration import softmax
 from kdforge.models.adapter import ModelAdapter
 from kdforge.tasks.base import Task
 from kdforge.tasks.metrics import accuracy

@@ -15,6 +15,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -39,12 +40,23 @@ class ListDataset(Dataset):
         return self.examples[i]
 
 
+@dataclass
+class Scores:
+    """A model's scores on an evaluation split: official metrics, expected calibration error and
+    the reliability-diagram bins (both None for regression)."""
+
+    metrics: dict[str, float]
+    ece: float | None = None
+    reliability: dict | None = None
+
+
 class Task(ABC):
     """One dataset with its label space and official metrics."""
 
     modality: Literal["text", "image"] = "text"
-    problem_type: Literal["classification", "regression"] = "classification"
+    problem_type: Literal["classification", "regression", "language_modeling"] = "classification"
     main_metric: str = "accuracy"
+    greater_is_better: bool = True  # of main_metric
     eval_split: str = "dev"
     #: True when the training collator draws random augmentations (teacher outputs then differ per epoch)
     random_train_inputs: bool = False
@@ -74,6 +86,20 @@ class Task(ABC):
     def collator(self, tokenizer: Any = None, train: bool = False) -> Callable[[list[dict]], dict]:
         """A DataLoader ``collate_fn`` for this task (augmentation only when ``train``)."""
 
+    def evaluate(self, adapter: torch.nn.Module, data: Dataset, collate_fn: Callable, batch_size: int,
+                 device: torch.device | str = "cpu", ece_bins: int = 15, desc: str = "eval") -> Scores:
+        """Score the model behind ``adapter`` (a ModelAdapter) on ``data``: the model's logits of the
+        whole split are collected, then :meth:`compute_metrics`; ECE over the softmax of the logits."""
+        from kdforge.engine.predict import predict
+        from kdforge.evaluation.calibration import reliability_bins, softmax
+
+        logits, labels = predict(adapter, data, collate_fn, batch_size, device, desc)
+        metrics = self.compute_metrics(logits, labels)
+        if self.problem_type == "regression":
+            return Scores(metrics)
+        bins = reliability_bins(softmax(logits.astype(np.float64)), labels, ece_bins)
+        return Scores(metrics, bins["ece"], bins)
+
     def split(self, split: str) -> Dataset:
         """``load_split`` limited to a fixed random sample when ``train_limit``/``eval_limit`` is set."""
         data = self.load_split(split)
@@ -87,8 +113,12 @@ class Task(ABC):
         return torch.utils.data.Subset(data, keep.tolist())
 
     def fingerprint(self) -> str:
-        """Identifies the data and preprocessing (used to key caches)."""
-        blob = json.dumps(self.config.model_dump(mode="json"), sort_keys=True)
+        """Identifies the data and preprocessing (used to key caches). Settings added to TaskConfig
+        later (``corpus``) are left out while unset, so existing caches and teachers stay valid."""
+        settings = self.config.model_dump(mode="json")
+        if settings.get("corpus") is None:
+            settings.pop("corpus", None)
+        blob = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -97,6 +127,6 @@ TASKS: Registry[Callable[[TaskConfig], Task]] = Registry("task")
 
 def build_task(config: TaskConfig) -> Task:
     # importing the modules fills the registry
-    from kdforge.tasks import text, vision  # noqa: F401
+    from kdforge.tasks import language_model, text, vision  # noqa: F401
 
     return TASKS.get(config.name, "task.name")(config)
