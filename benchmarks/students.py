@@ -118,7 +118,10 @@ def main() -> None:
         dev = task.split(task.eval_split)
         teacher_scores = task.evaluate(ModelAdapter(teacher.model), dev, task.collator(teacher.tokenizer), 64)
         results.setdefault(task_key, {})["__teacher__"] = teacher_scores.metrics
+        results[task_key]["__rows__"] = args.rows
         for method in METHODS:
+            if len(results[task_key].get(method, [])) == args.seeds:
+                continue  # done by an earlier invocation (results are saved method by method)
             runs = []
             for seed in range(args.seeds):
                 config = validate_config(job(task_key, method, seed, args.rows, Path(args.out), folder))
@@ -129,7 +132,8 @@ def main() -> None:
     lines = ["# Students and recipes: 3-layer students of all-MiniLM-L6-v2", "",
              "Teacher all-MiniLM-L6-v2 fine-tuned on a fixed 2,000-row sample of each task (the teachers of "
              "benchmarks/objectives.py); students start from teacher layers [1, 3, 5] (SPS: the same 3 layers run "
-             f"twice, 6 effective layers); every method trains on the same fixed {args.rows}-row sample, "
+             "twice, 6 effective layers); every method trains on the same fixed sample of the task's training "
+             "rows (its size under each task), "
              f"{EPOCHS} epochs for the final stage (PTP 1 epoch before it; TinyBERT: general distillation 1 epoch "
              f"on {GENERAL_SENTENCES:,} GLUE training sentences, intermediate-layer stage 1 epoch, prediction "
              f"stage {EPOCHS} epochs), batch 32, AdamW lr 1e-4, best epoch by the dev metric; KD terms as in "
@@ -142,10 +146,11 @@ def main() -> None:
     for task_key, methods in results.items():
         teacher = methods["__teacher__"]
         main_metric = next(iter(teacher))
-        lines += [f"### {TASKS[task_key][0]} (teacher {main_metric} {teacher[main_metric]:.4f})", "",
+        lines += [f"### {TASKS[task_key][0]} (teacher {main_metric} {teacher[main_metric]:.4f}; "
+                  f"{methods['__rows__']} training rows)", "",
                   f"| method | {main_metric} | ECE | params (M) | seconds / run |", "|---|---|---|---|---|"]
         for method, runs in methods.items():
-            if method != "__teacher__":
+            if not method.startswith("__"):
                 lines.append(f"| {method} | {objectives.mean_std([r['metrics'][main_metric] for r in runs])} | "
                              f"{objectives.mean_std([r['ece'] for r in runs])} | {runs[0]['params'] / 1e6:.2f} | "
                              f"{statistics.mean(r['seconds'] for r in runs):.0f} |")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import kdforge
 from kdforge import jobs
-from kdforge.cache import CacheSpec, TeacherCache, compute_outputs, sparsify
+from kdforge.cache import CacheSpec, TeacherCache, compute_outputs
 from kdforge.config import validate_config
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
@@ -164,14 +164,17 @@ def test_per_token_cache_returns_real_positions_dense_or_top_k(lm_tree):
                           atol=1e-6)
 
 
-def test_per_token_cache_of_a_large_vocabulary_needs_top_k():
-    from kdforge.cache import _token_rows
+def test_a_dense_per_token_cache_too_large_for_memory_is_refused(monkeypatch):
+    from kdforge import cache
 
-    logits, mask = torch.randn(2, 3, 5000), torch.ones(2, 3)
+    first = cache._token_rows(torch.randn(2, 3, 5000), torch.ones(2, 3), CacheSpec(dtype=torch.float16))
+    assert first["logits"].shape == (6, 5000)  # 3 tokens x 5000 words x 2 bytes per example
+    monkeypatch.setattr(cache, "DENSE_TOKEN_CACHE_MAX_BYTES", 30000 * 1000)
+    cache._check_dense_size(first, batch_size=2, n_examples=1000)  # 30 MB: allowed
     with pytest.raises(KDForgeError, match="teacher_cache.top_k"):
-        _token_rows(logits, mask, CacheSpec())
-    rows = _token_rows(logits, mask, CacheSpec(top_k=4))
-    assert rows["values"].shape == (6, 4) and torch.equal(rows["fill"], sparsify(logits.reshape(6, -1), 4)["fill"])
+        cache._check_dense_size(first, batch_size=2, n_examples=1001)
+    rows = cache._token_rows(torch.randn(2, 3, 5000), torch.ones(2, 3), CacheSpec(top_k=4))
+    assert rows["values"].shape == (6, 4) and "logits" not in rows
 
 
 # -- GGUF folders and packages -------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ Storage options (``teacher_cache`` in the config):
   token (padding dropped); a batch gets them back padded to its own length.
 
 Per-token logits (a language model's (batch, length, vocabulary) outputs, for ``word_kd``) are
-stored token by token too, padding dropped; over a large vocabulary they need ``top_k`` (a
-49k-word vocabulary in float32 is 196 KB per token), and the sparsification then runs batch by
-batch so the dense logits of the whole split never exist at once.
+stored token by token too, padding dropped (a 49k-word vocabulary in float16 is 98 KB per token;
+a dense cache estimated above 16 GB is refused), or with ``top_k``, sparsified batch by batch so
+the dense logits of the whole split never exist at once. Top-k is accurate for losses at T = 1
+and not at GLMD's T = 15, where the many tail words carry most of the mass and their shape
+matters (measured: benchmarks/results/glmd.md).
 """
 
 from __future__ import annotations
@@ -99,8 +101,8 @@ def densify(values: torch.Tensor, indices: torch.Tensor, fill: torch.Tensor, num
     return dense.scatter_(1, indices, values)
 
 
-#: largest vocabulary whose per-token logits are cached densely (above it, teacher_cache.top_k is required)
-DENSE_TOKEN_LOGITS_MAX = 4096
+#: the largest dense per-token cache kdforge builds (estimated from the first batch); above it, set top_k
+DENSE_TOKEN_CACHE_MAX_BYTES = 16 * 2**30
 
 
 class TeacherCache:
@@ -195,6 +197,8 @@ def compute_outputs(teacher: torch.nn.Module, data: Dataset, collate_fn, batch_s
             n_tokens = mask.sum(-1).cpu() if mask is not None else None
             if out.logits.dim() == 3:  # per-token logits: keep the real positions only
                 logits.append(_token_rows(out.logits.float(), mask, spec))
+                if len(logits) == 1:
+                    _check_dense_size(logits[0], len(out.logits), len(data))
             else:
                 logits.append(out.logits.float().cpu())
             if spec.hidden_states or out.logits.dim() == 3:
@@ -237,10 +241,21 @@ def _token_rows(logits: torch.Tensor, mask: torch.Tensor | None, spec: CacheSpec
         sparse = sparsify(rows, spec.top_k, spec.temperature)
         return {"num_classes": vocab, "values": sparse["values"].to(spec.dtype).cpu(),
                 "indices": sparse["indices"].to(torch.int32).cpu(), "fill": sparse["fill"].to(spec.dtype).cpu()}
-    if vocab > DENSE_TOKEN_LOGITS_MAX:
-        raise KDForgeError(f"caching the teacher's per-token logits over {vocab} words needs teacher_cache.top_k "
-                           f"(e.g. `--set teacher_cache.top_k=64`) or `--set teacher_cache.enabled=false`")
     return {"num_classes": vocab, "logits": rows.to(spec.dtype).cpu()}
+
+
+def _check_dense_size(first: dict, batch_size: int, n_examples: int) -> None:
+    """Refuse a dense per-token cache that would outgrow DENSE_TOKEN_CACHE_MAX_BYTES (estimated from
+    the first batch) before spending a whole teacher pass on it."""
+    if "logits" not in first:
+        return
+    rows = first["logits"]
+    estimate = rows.numel() * rows.element_size() / batch_size * n_examples
+    if estimate > DENSE_TOKEN_CACHE_MAX_BYTES:
+        raise KDForgeError(f"caching the teacher's per-token logits over {first['num_classes']} words densely would "
+                           f"take about {estimate / 2**30:.0f} GB; set teacher_cache.top_k (e.g. 64; accurate at "
+                           "T = 1, not at high temperatures), fewer training passages, or "
+                           "`teacher_cache.enabled: false`")
 
 
 class IndexedDataset(Dataset):

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from kdforge.models.vision_nets import VISION_NETS
         from kdforge.objectives import logit  # noqa: F401
         from kdforge.objectives.base import OBJECTIVES, build_objective  # noqa: F401
-        from kdforge.tasks import text, vision  # noqa: F401
+        from kdforge.tasks import language_model, text, vision  # noqa: F401
         from kdforge.tasks.base import TASKS
 
         for title, reg in (("tasks", TASKS), ("objectives", OBJECTIVES), ("vision nets", VISION_NETS)):
