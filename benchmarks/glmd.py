@@ -143,7 +143,8 @@ def run(args, results: dict) -> dict:
     # the distilled student again, rebuilt with its vocabulary map, with its trained weights
     task = build_task(config.task)
     teacher = load_model(config.teacher.model, task)
-    student = build_student(config.student, teacher, task, jobs.training_texts(config, task))
+    texts = jobs.training_texts(config, task)
+    student = build_student(config.student, teacher, task, texts)
     trained = Path(jobs_to_run(config)[GLMD_TOP_K].output_dir) / "student" / "model.safetensors"
     student.model.load_state_dict(load_file(trained), strict=False)
     student.model.tie_weights()
@@ -154,7 +155,7 @@ def run(args, results: dict) -> dict:
                                 config.eval.batch_size)
     results["teacher (kept vocabulary)"] = {"metrics": kept_scores.metrics, "ece": kept_scores.ece}
     results["vocabulary"] = {"teacher": len(teacher.tokenizer), "student": int(student.model.config.vocab_size)}
-    results["budget"] = {"general": len(jobs.training_texts(config, task)) - len(task.split("train")),
+    results["budget"] = {"general": len(texts) - len(task.split("train")),
                          "task": len(task.split("train")), "dev": len(task.split("dev")),
                          "layers": config.student.layers, "lr": config.train.lr, "batch_size": config.train.batch_size}
     results["top_k_error"] = top_k_errors(config, teacher, student, task)

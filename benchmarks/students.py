@@ -30,7 +30,6 @@ from kdforge.engine.trainer import seed_everything
 from kdforge.evaluation.size import count_parameters
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
-from kdforge.models.loading import load_model
 from kdforge.models.student import build_student
 from kdforge.tasks.base import build_task
 
@@ -66,11 +65,12 @@ METHODS: dict[str, dict] = {
 }
 
 
-def teacher_folder(task_key: str) -> str:
-    """The task's teacher of benchmarks/objectives.py, fine-tuned now unless its folder holds it already."""
+def fine_tuned_teacher(task_key: str):
+    """The task's teacher of benchmarks/objectives.py (fine-tuned now unless its folder holds it
+    already): its folder and the loaded model."""
     config = objectives.job_config(task_key, [], 0, Path("runs/bench-objectives"), teacher=True)
-    jobs.get_teacher(config, build_task(config.task))
-    return str(Path(config.output_dir) / "teacher" / "model")
+    teacher = jobs.get_teacher(config, build_task(config.task))
+    return str(Path(config.output_dir) / "teacher" / "model"), teacher
 
 
 def run_recipe(config, task, teacher) -> dict:
@@ -112,9 +112,8 @@ def main() -> None:
     json_path = RESULTS / "students.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
     for task_key in [] if args.report_only else args.tasks:
-        folder = teacher_folder(task_key)
+        folder, teacher = fine_tuned_teacher(task_key)
         task = build_task(validate_config(job(task_key, "KD", 0, args.rows, Path(args.out), folder)).task)
-        teacher = load_model(folder, task)
         dev = task.split(task.eval_split)
         teacher_scores = task.evaluate(ModelAdapter(teacher.model), dev, task.collator(teacher.tokenizer), 64)
         results.setdefault(task_key, {})["__teacher__"] = teacher_scores.metrics

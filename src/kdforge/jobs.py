@@ -235,10 +235,10 @@ def run_stage(config: JobConfig, index: int, task: Task, teacher: LoadedModel, s
                                          aug.k)
         train_data = augment_dataset(train_data, neighbours, aug.copies, aug.p, aug.seed)
         log.info("stage %s: %d training examples after augmentation", stage.name, len(train_data))
-    cache, collate = None, data.collator(student.tokenizer, train=True)
-    id_map = getattr(student.model, "kdforge_id_map", None)
-    if id_map is not None:  # a compressed vocabulary: the teacher reads its own ids, the student its own
-        collate = StudentIdsCollator(data.collator(teacher.tokenizer, train=True), id_map)
+    cache, id_map = None, getattr(student.model, "kdforge_id_map", None)
+    # a compressed vocabulary: the batch is tokenized for the teacher and the student gets its own ids
+    collate = data.collator(student.tokenizer, train=True) if id_map is None else \
+        StudentIdsCollator(data.collator(teacher.tokenizer, train=True), id_map)
     if cache_applies(config, loss, hooks["teacher"], data):
         cc = config.teacher_cache
         spec = CacheSpec(getattr(torch, cc.dtype), cc.top_k, tuple(cc.hidden_states),

@@ -26,9 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
@@ -105,38 +103,34 @@ class LanguageModelTask(Task):
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Metrics from collected (N, L, V) logits and (N, L) labels (small data only; see evaluate)."""
-        logits, targets = next_token_targets(torch.as_tensor(predictions), torch.as_tensor(labels))
-        nll = F.cross_entropy(logits.double(), targets, reduction="sum").item()
-        return _metrics(nll, (logits.argmax(-1) == targets).sum().item(), len(targets))
+        nll, _, hit = _token_scores(torch.as_tensor(predictions).double(), torch.as_tensor(labels))
+        return _metrics(nll, int(hit.sum()), len(hit))
 
-    @torch.inference_mode()
     def evaluate(self, adapter: torch.nn.Module, data: Dataset, collate_fn: Callable, batch_size: int,
                  device: torch.device | str = "cpu", ece_bins: int = 15, desc: str = "eval") -> Scores:
+        from kdforge.engine.predict import iterate_outputs
         from kdforge.evaluation.calibration import reliability_from_confidence
 
-        was_training = adapter.training
-        adapter.eval()
-        nll, correct_total, confidence, correct = 0.0, 0, [], []
-        try:
-            loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                                generator=torch.Generator())
-            for batch in tqdm(loader, desc=desc, leave=False, disable=None):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                logits, targets = next_token_targets(adapter(batch).logits.float(), batch["labels"])
-                log_probs = logits.log_softmax(-1)
-                nll -= log_probs.gather(1, targets[:, None]).sum().item()
-                top, guess = log_probs.max(-1)
-                hit = guess == targets
-                correct_total += int(hit.sum())
-                confidence.append(top.exp().double().cpu())
-                correct.append(hit.cpu())
-        finally:
-            adapter.train(was_training)
-        n = sum(len(c) for c in correct)
-        if n == 0:
+        nll, confidence, correct = 0.0, [], []
+        for out, batch in iterate_outputs(adapter, data, collate_fn, batch_size, device, desc):
+            batch_nll, top_prob, hit = _token_scores(out.logits.float(), batch["labels"])
+            nll += batch_nll
+            confidence.append(top_prob.double().cpu())
+            correct.append(hit.cpu())
+        hits = torch.cat(correct)
+        if len(hits) == 0:
             raise KDForgeError("the held-out text has no token to predict (every passage is one token long)")
-        bins = reliability_from_confidence(torch.cat(confidence).numpy(), torch.cat(correct).numpy(), ece_bins)
-        return Scores(_metrics(nll, correct_total, n), bins["ece"], bins)
+        bins = reliability_from_confidence(torch.cat(confidence).numpy(), hits.numpy(), ece_bins)
+        return Scores(_metrics(nll, int(hits.sum()), len(hits)), bins["ece"], bins)
+
+
+def _token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the next tokens, and per predicted token its top
+    probability and whether the argmax was the next token."""
+    logits, targets = next_token_targets(logits, labels)
+    log_probs = logits.log_softmax(-1)
+    top, guess = log_probs.max(-1)
+    return -log_probs.gather(1, targets[:, None]).sum().item(), top.exp(), guess == targets
 
 
 def _metrics(nll_sum: float, correct: int, n: int) -> dict[str, float]:
