@@ -21,17 +21,19 @@ import torch
 from kdforge.cache import IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.config import ObjectiveConfig, TaskConfig
 from kdforge.engine.batching import epoch_batches
-from kdforge.engine.module import DistillationModule
+from kdforge.engine.step import TrainStep
 from kdforge.io import atomic_write_text
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import load_model
 from kdforge.models.student import student_from_layers
-from kdforge.objectives.base import Progress
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.progress import Progress
+from kdforge.recipes.offline import OfflineStep
+from kdforge.recipes.teacher_sources import CachedTeacher, LiveTeacher
 from kdforge.tasks.base import build_task
 
 
-def step(module: DistillationModule, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+def step(module: TrainStep, optimizer: torch.optim.Optimizer, batch: dict) -> float:
     start = time.perf_counter()
     loss, _ = module(batch, Progress())
     loss.backward()
@@ -59,12 +61,12 @@ def main() -> None:
 
     kd = [ObjectiveConfig(name="ce", weight=0.5), ObjectiveConfig(name="hinton_kd", weight=0.5, temperature=4)]
     kinds = {
-        "student-only fine-tune (CE)": DistillationModule(ModelAdapter(copy.deepcopy(student)),
-                                                          WeightedLoss.from_config([ObjectiveConfig(name="ce")])),
-        "KD, teacher cached": DistillationModule(ModelAdapter(copy.deepcopy(student)), WeightedLoss.from_config(kd),
-                                                 [ModelAdapter(teacher.model)], teacher_cache=cache),
-        "KD, teacher recomputed": DistillationModule(ModelAdapter(copy.deepcopy(student)),
-                                                     WeightedLoss.from_config(kd), [ModelAdapter(teacher.model)]),
+        "student-only fine-tune (CE)": OfflineStep(ModelAdapter(copy.deepcopy(student)),
+                                                   WeightedLoss.from_config([ObjectiveConfig(name="ce")], [])),
+        "KD, teacher cached": OfflineStep(ModelAdapter(copy.deepcopy(student)), WeightedLoss.from_config(kd),
+                                          {"teacher": CachedTeacher(cache)}),
+        "KD, teacher recomputed": OfflineStep(ModelAdapter(copy.deepcopy(student)), WeightedLoss.from_config(kd),
+                                              {"teacher": LiveTeacher(ModelAdapter(teacher.model))}),
     }
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for k, m in kinds.items()}

@@ -21,13 +21,15 @@ from pathlib import Path
 from kdforge import jobs
 from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.config import JobConfig, validate_config
-from kdforge.engine.module import DistillationModule
 from kdforge.engine.predict import predict
 from kdforge.engine.trainer import make_accelerator, seed_everything
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.student import build_student
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.recipes.offline import OfflineStep
+from kdforge.recipes.stage import train_model
+from kdforge.recipes.teacher_sources import CachedTeacher
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -75,15 +77,16 @@ def run_one(config: JobConfig, task, teacher, cache: TeacherCache) -> dict:
     """Distill one student; returns the best epoch's official metrics, its ECE and the time taken."""
     seed_everything(config.train.seed)
     student = build_student(config.student, teacher, task)
-    loss = WeightedLoss.from_config(config.objectives)
-    loss.setup(student.model, teacher.model)
-    module = DistillationModule(ModelAdapter(student.model), loss, [ModelAdapter(teacher.model)], teacher_cache=cache)
+    loss = WeightedLoss.from_config(config.objectives, ["teacher"])
+    loss.setup(student.model, {"teacher": teacher.model})
+    # the teacher's outputs always come from the shared cache (terms that read no teacher never ask for them)
+    step = OfflineStep(ModelAdapter(student.model), loss, {"teacher": CachedTeacher(cache)})
     dev = task.split(task.eval_split)
     start = time.perf_counter()
     run_dir = Path(config.output_dir) / "student-runs"
-    jobs.train_model(module, task, IndexedDataset(task.split("train")), dev, student.tokenizer, config.train,
-                     run_dir, "bench", False, accelerator=make_accelerator(config.train),
-                     collate_fn=IndexedCollator(task.collator(student.tokenizer, train=True)))
+    train_model(step, task, IndexedDataset(task.split("train")), dev, student.tokenizer, config.train,
+                run_dir, "bench", False, accelerator=make_accelerator(config.train),
+                collate_fn=IndexedCollator(task.collator(student.tokenizer, train=True)))
     seconds = time.perf_counter() - start
     scores = task.evaluate(ModelAdapter(student.model), dev, task.collator(student.tokenizer), 64)
     return {"metrics": scores.metrics, "ece": scores.ece, "seconds": seconds}

@@ -5,8 +5,9 @@ its parts (SPS only, PTP only). Writes benchmarks/results/students.md (and .json
 The teacher of each task is the one of benchmarks/objectives.py (fine-tuned once on a fixed
 2,000-row sample, reused through its fingerprint from runs/bench-objectives/), loaded once per task;
 every method is a kdforge job config (`stages:` where the method has several) whose stages run
-through the job's own stage runner (`jobs.run_stage`: data, head, objectives, cache), so this is
-also an end-to-end test of the recipes; only the export and the per-run report are skipped.
+through the job's own stage runner (`kdforge.recipes.stage.run_stage`: data, head, strategy,
+teacher source), so this is also an end-to-end test of the recipes; only the export and the
+per-run report are skipped.
 
     .venv/bin/python benchmarks/students.py                                   # the full table
     .venv/bin/python benchmarks/students.py --tasks rte --seeds 1 --rows 64   # a smoke run
@@ -25,12 +26,13 @@ from pathlib import Path
 import objectives  # benchmarks/objectives.py: the fine-tuned teachers
 
 from kdforge import jobs
-from kdforge.config import validate_config
+from kdforge.config import PRIMARY_TEACHER, STUDENT, validate_config
 from kdforge.engine.trainer import seed_everything
 from kdforge.evaluation.size import count_parameters
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.student import build_student
+from kdforge.recipes.stage import run_stage
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,9 +79,10 @@ def run_recipe(config, task, teacher) -> dict:
     """Every stage of ``config`` (as `kdforge distill` runs them), then the student's dev scores."""
     seed_everything(config.train.seed)
     student = build_student(config.student, teacher, task)
+    models = {PRIMARY_TEACHER: teacher, STUDENT: student}
     start = time.perf_counter()
     for index in range(len(config.all_stages())):
-        jobs.run_stage(config, index, task, teacher, student, Path(config.output_dir), resume=False)
+        run_stage(config, index, task, models, Path(config.output_dir), resume=False)
     scores = task.evaluate(ModelAdapter(student.model), task.split(task.eval_split), task.collator(student.tokenizer),
                            64)
     return {"metrics": scores.metrics, "ece": scores.ece, "params": count_parameters(student.model),

@@ -72,3 +72,13 @@ def tiny_llama(vocab_size: int, hidden: int, layers: int = 1, tie: bool = True, 
                                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                                         pad_token_id=0, bos_token_id=1, eos_token_id=eos_token_id,
                                         tie_word_embeddings=tie)).eval()
+
+
+def offline_step(student, loss, teacher=None, cache=None):
+    """An OfflineStep over adapters, as the stage runner builds it: the teacher live, or from ``cache``."""
+    from kdforge.recipes.offline import OfflineStep
+    from kdforge.recipes.teacher_sources import CachedTeacher, LiveTeacher
+
+    sources = {"teacher": CachedTeacher(cache)} if cache is not None else \
+        {"teacher": LiveTeacher(teacher)} if teacher is not None else {}
+    return OfflineStep(student, loss, sources)

@@ -41,4 +41,5 @@ def test_distiller_with_plain_modules(tmp_path, digits_loaders):
     assert state.best_metric == pytest.approx(after)  # best epoch kept
     assert len(state.history) == 8 and "hinton_kd" in distiller.module.loss.names
     assert distiller.predict(test).shape == (len(test.dataset), 10)
-    assert all(not p.requires_grad for p in distiller.module.teachers.parameters())
+    assert all(not p.requires_grad for p in distiller.module.frozen.parameters())
+    assert not any(p is q for p in distiller.module.frozen.parameters() for q in distiller.student.parameters())

@@ -8,11 +8,10 @@ import torch
 
 from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache, cache_key, densify, sparsify
 from kdforge.config import ObjectiveConfig
-from kdforge.engine.module import DistillationModule
 from kdforge.models.adapter import ModelAdapter
 from kdforge.objectives.base import Objective, Progress
 from kdforge.objectives.composite import WeightedLoss
-from tests.helpers import tiny_bert
+from tests.helpers import offline_step, tiny_bert
 
 
 class Rows(torch.utils.data.Dataset):
@@ -53,8 +52,8 @@ def test_cached_teacher_outputs_give_the_same_losses(tmp_path):
     teacher, student = models()
     data = Rows(12)
     cache = TeacherCache.load_or_build(teacher, data, collate, "rows-v1", batch_size=5, folder=tmp_path)
-    plain = DistillationModule(ModelAdapter(student), kd_loss(), [ModelAdapter(teacher)])
-    cached = DistillationModule(ModelAdapter(student), kd_loss(), [ModelAdapter(teacher)], teacher_cache=cache)
+    plain = offline_step(ModelAdapter(student), kd_loss(), ModelAdapter(teacher))
+    cached = offline_step(ModelAdapter(student), kd_loss(), cache=cache)
     batch = IndexedCollator(collate)([IndexedDataset(data)[i] for i in (3, 7, 11)])
     (loss_a, terms_a), (loss_b, terms_b) = plain(batch, Progress()), cached(batch, Progress())
     assert torch.allclose(loss_a, loss_b, atol=1e-6)
@@ -110,16 +109,22 @@ def test_top_k_tail_keeps_its_mass_at_the_loss_temperature():
     assert not torch.allclose(q1.gather(1, top), p.gather(1, top), atol=1e-3)
 
 
-def test_cache_fits_the_tail_at_the_stage_kd_temperature():
-    from kdforge.jobs import kd_temperature
+def test_cache_fits_the_tail_at_the_temperature_of_the_terms_bound_to_its_teacher():
+    from kdforge.recipes.teacher_sources import bound_temperature
 
     def loss(*objectives):
-        return WeightedLoss.from_config([ObjectiveConfig(**o) for o in objectives])
+        return WeightedLoss.from_config([ObjectiveConfig(**o) for o in objectives], ["t1", "t2"])
 
-    assert kd_temperature(loss({"name": "word_kd"})) == 15.0  # the objective's default counts
-    assert kd_temperature(loss({"name": "ce"}, {"name": "hinton_kd", "temperature": 4.0})) == 4.0
-    assert kd_temperature(loss({"name": "ce"})) == 1.0
-    assert kd_temperature(loss({"name": "hinton_kd", "temperature": 2.0}, {"name": "dkd", "temperature": 4.0})) == 1.0
+    assert bound_temperature(loss({"name": "word_kd", "teacher": "t1"}), "t1") == 15.0  # the default counts
+    assert bound_temperature(loss({"name": "ce"}, {"name": "hinton_kd", "temperature": 4.0, "teacher": "t1"}),
+                             "t1") == 4.0
+    assert bound_temperature(loss({"name": "ce"}), "t1") == 1.0
+    assert bound_temperature(loss({"name": "hinton_kd", "temperature": 2.0, "teacher": "t1"},
+                                  {"name": "dkd", "temperature": 4.0, "teacher": "t1"}), "t1") == 1.0
+    # each teacher's cache knows the temperature of its own terms
+    two = loss({"name": "hinton_kd", "temperature": 2.0, "teacher": "t1"},
+               {"name": "hinton_kd", "temperature": 4.0, "teacher": "t2"})
+    assert (bound_temperature(two, "t1"), bound_temperature(two, "t2")) == (2.0, 4.0)
     assert CacheSpec(top_k=8, temperature=15.0).tag() != CacheSpec(top_k=8).tag()  # a different cache file
     assert CacheSpec(temperature=15.0).tag() == CacheSpec().tag()  # dense logits do not depend on it
 
@@ -148,8 +153,6 @@ def test_cached_hidden_states_are_padded_back_and_give_the_same_loss(tmp_path):
     assert torch.allclose(out.hidden_states[1][mask], reference.hidden_states[1][mask], atol=1e-5)
     assert torch.all(out.hidden_states[1][~mask] == 0)
     loss = WeightedLoss([HiddenProbe()], [lambda p: 1.0], ["probe"])
-    plain = DistillationModule(ModelAdapter(student, hidden_states=True), loss,
-                               [ModelAdapter(teacher, hidden_states=True)])
-    cached = DistillationModule(ModelAdapter(student, hidden_states=True), loss,
-                                [ModelAdapter(teacher, hidden_states=True)], teacher_cache=cache)
+    plain = offline_step(ModelAdapter(student, hidden_states=True), loss, ModelAdapter(teacher, hidden_states=True))
+    cached = offline_step(ModelAdapter(student, hidden_states=True), loss, cache=cache)
     assert torch.allclose(plain(batch, Progress())[0], cached(batch, Progress())[0], atol=1e-6)

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from kdforge.config import ObjectiveConfig
-from kdforge.engine.module import DistillationModule
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import OBJECTIVES, Progress, build_objective
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.ctkd import CTKD, gradient_reversal, grl_lambda
+from tests.helpers import offline_step
 
 
 def ctkd(**params) -> CTKD:
@@ -349,8 +349,8 @@ def test_theta_trains_inside_the_distillation_module_and_ascends_the_loss():
     student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
     loss = WeightedLoss.from_config([ObjectiveConfig(name="ce", weight=0.1),
                                      ObjectiveConfig(name="ctkd", weight=0.9, lambda_epochs=10)])
-    loss.setup(student, teacher)
-    module = DistillationModule(ModelAdapter(student), loss, [ModelAdapter(teacher)])
+    loss.setup(student, {"teacher": teacher})
+    module = offline_step(ModelAdapter(student), loss, ModelAdapter(teacher))
     module.train()
     term = loss.objectives[1]
     assert any(p is term.theta for p in module.parameters())
@@ -380,8 +380,8 @@ def test_instance_mlp_trains_inside_the_distillation_module():
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
     loss = WeightedLoss.from_config([ObjectiveConfig(name="ctkd", mode="instance", hidden_dim=8)])
-    loss.setup(student, teacher)
-    module = DistillationModule(ModelAdapter(student), loss, [ModelAdapter(teacher)])
+    loss.setup(student, {"teacher": teacher})
+    module = offline_step(ModelAdapter(student), loss, ModelAdapter(teacher))
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     mlp = loss.objectives[0].mlp
     before = [p.detach().clone() for p in mlp.parameters()]
@@ -423,8 +423,8 @@ def test_runtime_errors_name_the_fix():
     objective = ctkd()
     with pytest.raises(KDForgeError, match="logit_mse"):
         objective(Outputs(torch.zeros(2, 1)), Outputs(torch.zeros(2, 1)), {}, at_epoch(1))
-    with pytest.raises(KDForgeError, match="teacher"):
-        objective(Outputs(torch.zeros(2, 3)), None, {}, at_epoch(1))
+    with pytest.raises(KDForgeError, match="has no teacher"):  # caught when the loss is bound to its roles
+        WeightedLoss.from_config([ObjectiveConfig(name="ctkd")], teachers=[])
 
 
 def test_defaults_are_the_papers():

@@ -5,12 +5,11 @@ import torch
 
 from kdforge.config import ObjectiveConfig, TrainConfig
 from kdforge.engine.batching import batches_per_epoch, epoch_batches
-from kdforge.engine.module import DistillationModule
 from kdforge.engine.trainer import Trainer
 from kdforge.models.adapter import ModelAdapter
 from kdforge.objectives.base import Progress
 from kdforge.objectives.composite import WeightedLoss
-from tests.helpers import tiny_bert
+from tests.helpers import offline_step, tiny_bert
 
 
 def test_epoch_batches_partition_and_shard():
@@ -32,10 +31,10 @@ def kd_loss():
 
 def test_frozen_teacher_stays_in_eval_mode_and_gets_no_gradient():
     teacher, student = tiny_bert(100, layers=2, seed=0), tiny_bert(100, layers=1, seed=1)
-    module = DistillationModule(ModelAdapter(student), kd_loss(), [ModelAdapter(teacher)]).train()
+    module = offline_step(ModelAdapter(student), kd_loss(), ModelAdapter(teacher)).train()
     assert student.training and not teacher.training
     batch = {"input_ids": torch.randint(5, 100, (4, 7)), "labels": torch.tensor([0, 1, 0, 1])}
-    first, second = module.teacher_outputs(batch).logits, module.teacher_outputs(batch).logits
+    first, second = (module.teacher_outputs(batch)["teacher"].logits for _ in range(2))
     assert torch.equal(first, second)  # dropout off
     loss, terms = module(batch, Progress())
     loss.backward()
@@ -66,7 +65,7 @@ def collate(examples):
 def train_tiny(tmp_path, callbacks=(), resume=False, epochs=3):
     torch.manual_seed(0)
     student = tiny_bert(100, layers=1, seed=1)
-    module = DistillationModule(ModelAdapter(student), WeightedLoss.from_config([ObjectiveConfig(name="ce")]))
+    module = offline_step(ModelAdapter(student), WeightedLoss.from_config([ObjectiveConfig(name="ce")]))
     config = TrainConfig(epochs=epochs, batch_size=8, lr=5e-3, seed=3, device="cpu", checkpoint_every=2,
                          select_best=False)
     trainer = Trainer(module, Rows(64), collate, config, tmp_path, callbacks=callbacks)

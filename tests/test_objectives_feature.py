@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from kdforge.config import ObjectiveConfig
-from kdforge.engine.module import DistillationModule
 from kdforge.errors import KDForgeError
 from kdforge.hint_points import hint_points_for, layer_similarity, linear_cka, select_hint_points
 from kdforge.models.adapter import ModelAdapter
@@ -29,7 +28,7 @@ from kdforge.objectives.tinybert import (
     soft_cross_entropy,
     valid_entries,
 )
-from tests.helpers import tiny_bert
+from tests.helpers import offline_step, tiny_bert
 
 P0 = Progress(step=0, total_steps=10)
 
@@ -66,10 +65,10 @@ def batch():
 def run(configs, student, teacher, batch):
     """Build the loss as the engine does (setup -> hook paths -> adapters) and run one forward."""
     loss = WeightedLoss.from_config([ObjectiveConfig(**c) for c in configs])
-    s_paths, t_paths = loss.setup(student, teacher)
-    needs = loss.requires
+    s_paths, t_paths = loss.setup(student, {"teacher": teacher})
+    needs = loss.requires()
     wrap = lambda m, paths: ModelAdapter(m, paths, "hidden_states" in needs, "attentions" in needs)  # noqa: E731
-    module = DistillationModule(wrap(student, s_paths), loss, [wrap(teacher, t_paths)])
+    module = offline_step(wrap(student, s_paths), loss, wrap(teacher, t_paths["teacher"]))
     module.eval()
     return module, *module(batch, P0)
 
@@ -515,7 +514,7 @@ def test_all_feature_terms_train_together_with_sdpa_attention(batch):
     module, total, terms = run(configs, student, teacher, batch)
     assert set(terms) == {"tinybert_hidden", "tinybert_attention", "tinybert_pred", "pkd", "hint"}
     assert all(math.isfinite(v) and v > 0 for v in terms.values())
-    assert module.loss.requires == frozenset({"hidden_states"})
+    assert module.loss.requires() == frozenset({"hidden_states"})
     total.backward()
     assert student.bert.encoder.layer[0].attention.self.query.weight.grad is not None
     assert all(p.grad is not None for p in module.loss.parameters())

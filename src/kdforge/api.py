@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,15 @@ from kdforge.config import (
     load_config,
     validate_config,
 )
-from kdforge.engine.module import DistillationModule
 from kdforge.engine.predict import predict
 from kdforge.engine.trainer import Trainer, TrainState, make_accelerator, seed_everything
+from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.objectives.base import Objective, build_objective
-from kdforge.objectives.composite import WeightedLoss, unique_names
+from kdforge.objectives.composite import WeightedLoss, bind_role, unique_names
 from kdforge.objectives.schedules import make_schedule
+from kdforge.recipes.offline import OfflineStep
+from kdforge.recipes.teacher_sources import LiveTeacher
 from kdforge.tasks.metrics import accuracy
 
 
@@ -67,21 +69,25 @@ def evaluate(run_dir_or_config: str | Path, overrides=None) -> jobs.RunResult:
 ObjectiveSpec = str | dict[str, Any] | Objective | tuple[Objective, float]
 
 
-def build_loss(objectives: Sequence[ObjectiveSpec]) -> WeightedLoss:
-    """Objectives from names (``"ce"``), config dicts (``{"name": "hinton_kd", "temperature": 2}``),
-    or instances (optionally ``(instance, weight)``)."""
-    modules, weights, names = [], [], []
+def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("teacher",)) -> WeightedLoss:
+    """Objectives from names (``"ce"``), config dicts (``{"name": "hinton_kd", "temperature": 2,
+    "teacher": "t2"}``), or instances (optionally ``(instance, weight)`` or ``(instance, weight, role)``),
+    each term bound to one of the ``teachers`` roles (the only one by default)."""
+    modules, weights, names, roles = [], [], [], []
     for i, spec in enumerate(objectives):
         if isinstance(spec, str | dict):
             cfg = ObjectiveConfig(name=spec) if isinstance(spec, str) else ObjectiveConfig(**spec)
-            objective, weight, name = build_objective(cfg, i), cfg.weight, cfg.name
+            objective, weight, name, role = build_objective(cfg, i), cfg.weight, cfg.name, cfg.teacher
         else:
-            objective, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
+            objective, weight, role = (*spec, None)[:3] if isinstance(spec, tuple) else (spec, 1.0, None)
             name = type(objective).__name__.lower()
         modules.append(objective)
         weights.append(make_schedule(weight, f"objectives.{i}.weight"))
         names.append(name)
-    return WeightedLoss(modules, weights, unique_names(names))
+        roles.append(role)
+    names = unique_names(names)
+    bound = [bind_role(o, n, r, list(teachers)) for o, n, r in zip(modules, names, roles, strict=True)]
+    return WeightedLoss(modules, weights, names, bound)
 
 
 class _AsBatch:
@@ -109,23 +115,27 @@ class Distiller:
     """Distill ``teacher`` into ``student`` (any ``nn.Module`` or HF model) with your DataLoaders.
 
     Batches may be dicts (HF inputs + ``labels``) or ``(inputs, labels)`` pairs; a plain module is
-    called as ``module(inputs)``. Pass several teachers as a list; ``train_teachers=True`` trains
-    them too (online KD).
+    called as ``module(inputs)``. Several teachers: a dict of named teachers, each loss term naming
+    the one it learns from (``{"name": "hinton_kd", "teacher": "t2"}``); ``train_teachers=True``
+    trains them too (online KD).
     """
 
-    def __init__(self, teacher: nn.Module | Sequence[nn.Module] | None, student: nn.Module,
+    def __init__(self, teacher: nn.Module | Mapping[str, nn.Module] | None, student: nn.Module,
                  objectives: Sequence[ObjectiveSpec] = ({"name": "ce", "weight": 0.5},
                                                         {"name": "hinton_kd", "weight": 0.5}),
                  output_dir: str | Path = "runs/api", metric: Metric = default_metric,
                  main_metric: str = "accuracy", train_teachers: bool = False, hook_paths: Sequence[str] = ()):
-        teachers = list(teacher) if isinstance(teacher, list | tuple) else [] if teacher is None else [teacher]
-        loss = build_loss(objectives)
-        s_hooks, t_hooks = loss.setup(student, teachers[0] if teachers else None)
-        needs = loss.requires
-        wrap = lambda m, paths: ModelAdapter(m, [*hook_paths, *paths], "hidden_states" in needs,
-                                             "attentions" in needs)
-        self.module = DistillationModule(wrap(student, s_hooks), loss, [wrap(t, t_hooks) for t in teachers],
-                                         train_teachers)
+        if isinstance(teacher, list | tuple):
+            raise KDForgeError("several teachers are given by name: pass a dict {name: module} and name each "
+                               "term's teacher ({'name': 'hinton_kd', 'teacher': NAME})")
+        teachers = dict(teacher) if isinstance(teacher, Mapping) else {} if teacher is None else {"teacher": teacher}
+        loss = build_loss(objectives, list(teachers))
+        s_hooks, t_hooks = loss.setup(student, teachers)
+        wrap = lambda m, paths, needs: ModelAdapter(m, [*hook_paths, *paths], "hidden_states" in needs,
+                                                    "attentions" in needs)
+        sources = {role: LiveTeacher(wrap(teachers[role], t_hooks[role], loss.requires(role)), train_teachers)
+                   for role in loss.teacher_roles}
+        self.module = OfflineStep(wrap(student, s_hooks, loss.requires()), loss, sources, train_teachers)
         self.output_dir = Path(output_dir)
         self.metric = metric
         self.main_metric = main_metric
@@ -133,7 +143,7 @@ class Distiller:
 
     @property
     def student(self) -> nn.Module:
-        return self.module.student.model
+        return self.module.learner.model
 
     def fit(self, train_loader: DataLoader, eval_loader: DataLoader | None = None, resume: bool = False,
             callbacks=(), **train_settings: Any) -> TrainState:
@@ -157,9 +167,9 @@ class Distiller:
 
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
         device = next(self.student.parameters()).device
-        return self._score(self.module.student, loader, device)
+        return self._score(self.module.learner, loader, device)
 
     @torch.no_grad()
     def predict(self, loader: DataLoader) -> np.ndarray:
-        return predict(self.module.student, loader.dataset, _AsBatch(loader.collate_fn),
+        return predict(self.module.learner, loader.dataset, _AsBatch(loader.collate_fn),
                        loader.batch_size or 64, next(self.student.parameters()).device)[0]

@@ -23,6 +23,12 @@ a dense cache estimated above 16 GB is refused), or with ``top_k``, sparsified b
 the dense logits of the whole split never exist at once. Top-k is accurate for losses at T = 1
 and not at GLMD's T = 15, where the many tail words carry most of the mass and their shape
 matters (measured: benchmarks/results/glmd.md).
+
+Files: ``<key>-<tag>.pt`` (tensors and plain values, read with ``weights_only=True``), beside it
+``<key>-<tag>.pt.json`` (its size and SHA-256: a truncated or corrupted file is reported and
+rebuilt) and ``<key>-<tag>.pt.lock``. Several runs may share one cache folder: an entry is written
+to a uniquely named temporary file and renamed into place, and the builder holds the lock, so two
+runs that need the same entry at once build it once (the other waits, then reuses it).
 """
 
 from __future__ import annotations
@@ -30,15 +36,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from kdforge.engine.checkpoint import save_torch_atomic
+from kdforge.engine.checkpoint import save_torch_atomic, short_reason
+from kdforge.engine.predict import iterate_outputs
 from kdforge.errors import KDForgeError
+from kdforge.io import check_file, file_lock, read_json
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.paths import cache_dir
@@ -166,15 +174,50 @@ class TeacherCache:
                       folder: Path | None = None, build: bool = True) -> TeacherCache | None:
         key = cache_key(teacher, data_fingerprint, len(data), tokenizer, spec)
         path = Path(folder or cache_dir() / "teacher-outputs") / f"{key}-{spec.tag()}.pt"
-        if path.is_file():
-            log.info("teacher outputs: reusing cache %s", path)
-            return cls(torch.load(path, map_location="cpu"), key)
-        if not build:
+        store, problem = read_entry(path)
+        if store is None and build:
+            with file_lock(path.with_name(path.name + ".lock")):  # one builder per entry across processes
+                store, problem = read_entry(path)  # another run may have built it while this one waited
+                if store is None:
+                    if problem:
+                        log.warning("teacher outputs: cache file %s is %s; rebuilding it", path, problem)
+                    log.info("teacher outputs: computing them once for %d training examples (cache %s)",
+                             len(data), path)
+                    store = compute_outputs(teacher, data, collate_fn, batch_size, device, spec)
+                    write_entry(store, path)
+                    return cls(store, key)
+        if store is None:
+            if problem:
+                log.warning("teacher outputs: cache file %s is %s; not used", path, problem)
             return None
-        log.info("teacher outputs: computing them once for %d training examples (cache %s)", len(data), path)
-        store = compute_outputs(teacher, data, collate_fn, batch_size, device, spec)
-        save_torch_atomic(store, path)
+        log.info("teacher outputs: reusing cache %s", path)
         return cls(store, key)
+
+
+def read_entry(path: Path) -> tuple[dict | None, str | None]:
+    """``(store, None)`` for a valid cache file, ``(None, None)`` when there is none, and
+    ``(None, what is wrong)`` for a truncated, corrupt or unreadable one (checked against the size and
+    SHA-256 recorded beside it, then loaded with ``weights_only=True``)."""
+    if not path.is_file():
+        return None, None
+    record_path = path.with_name(path.name + ".json")
+    if record_path.is_file():
+        try:
+            problem = check_file(path, read_json(record_path, ""))
+        except KDForgeError:
+            problem = f"unverifiable ({record_path.name} is truncated or not valid JSON)"
+        if problem:
+            return None, problem
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as err:  # truncated archives and refused pickles alike: the entry is rebuilt
+        return None, f"unreadable ({short_reason(err)})"
+
+
+def write_entry(store: dict, path: Path) -> None:
+    """Save ``store`` atomically (unique temporary name, then a rename), its size and SHA-256 just
+    before the rename: a reader sees either no file, or a whole file and the record that checks it."""
+    save_torch_atomic(store, path, record=path.with_name(path.name + ".json"))
 
 
 @torch.inference_mode()
@@ -182,17 +225,12 @@ def compute_outputs(teacher: torch.nn.Module, data: Dataset, collate_fn, batch_s
                     spec: CacheSpec) -> dict:
     """One pass of the teacher (eval mode) over ``data`` in order; returns the store to save."""
     adapter = ModelAdapter(teacher, hidden_states=bool(spec.hidden_states))
-    was_training = adapter.training
-    adapter.eval()
     logits, hidden = [], {layer: [] for layer in spec.hidden_states}
     lengths: list[torch.Tensor] = []
     n_states = 0
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
-                        generator=torch.Generator())
-    try:
-        for batch in tqdm(loader, desc="teacher outputs", leave=False, disable=None):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            out = adapter(batch)
+    # closing(): an error mid-way (the size guard) restores the teacher's mode at once
+    with closing(iterate_outputs(adapter, data, collate_fn, batch_size, device, "teacher outputs")) as outputs:
+        for out, batch in outputs:
             mask = batch.get("attention_mask")
             n_tokens = mask.sum(-1).cpu() if mask is not None else None
             if out.logits.dim() == 3:  # per-token logits: keep the real positions only
@@ -211,8 +249,6 @@ def compute_outputs(teacher: torch.nn.Module, data: Dataset, collate_fn, batch_s
                 for layer in spec.hidden_states:
                     h = out.hidden_states[layer].cpu()
                     hidden[layer] += [h[b, : int(n)].to(spec.dtype) for b, n in enumerate(n_tokens)]
-    finally:
-        adapter.train(was_training)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(lengths).cumsum(0)]) if lengths else None
     store: dict = {"num_hidden_states": n_states, "hidden": {}}
     if logits and isinstance(logits[0], dict):  # per-token

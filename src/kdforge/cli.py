@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from kdforge import jobs
     from kdforge.config import load_config
+    from kdforge.preflight import check_job
 
     if args.command == "list":
         from kdforge.models.vision_nets import VISION_NETS
@@ -72,9 +73,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         config = load_config(demo_config_path(), args.overrides)
+        check_job(config, "distill")  # refuse what can be refused before any file is written
         result = jobs.run_distill(config, resume=args.resume, overwrite=not args.resume)
     else:
         config = load_config(args.target, args.overrides)
+        check_job(config, "finetune" if args.command == "finetune" else "distill")
         if args.command == "finetune":
             jobs.run_finetune(config, resume=args.resume)
             print(f"fine-tuned teacher written to {config.output_dir}/teacher/model")

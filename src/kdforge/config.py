@@ -6,6 +6,7 @@ the key instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from kdforge.errors import KDForgeError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # "inf"/"nan" strings are errors too
 
 
 class CorpusConfig(Strict):
@@ -65,6 +66,25 @@ class TaskConfig(Strict):
     sample_seed: int = 0
     corpus: CorpusConfig | None = Field(None, description="lm: the text to model; trained on the GLUE training "
                                         "files / corpus.files, evaluated on the GLUE dev files / task.dev_file")
+    validation: float | str | None = Field(
+        None, description="a validation split, used to select (best epoch, ensemble weights) instead of the "
+        "reported split: a fraction in (0, 1) of the training rows, carved AFTER `train_limit` sampling "
+        "(train_limit 1000 and validation 0.1 give 900 train + 100 validation rows; ceil(fraction x rows) "
+        "validation rows, drawn with `sample_seed`, stratified by label for classification when every class "
+        "has 2+ rows), which `train` then excludes; or a file in the training file's format (csv/jsonl: like "
+        "task.train_file; glue/*: a TSV laid out like train.tsv; lm: one passage per line; relative paths "
+        "inside task.data_dir when set), used whole, training rows unchanged. Image tasks take fractions "
+        "only. Default: none (selection on the reported split)")
+
+    @model_validator(mode="after")
+    def _validation_fraction(self) -> TaskConfig:
+        value = self.validation
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError(f"task.validation: {value} is not a fraction in (0, 1); give e.g. 0.1 "
+                             "(a share of the training rows) or the path of a validation file")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("task.validation is empty; give a fraction such as 0.1 or a validation file")
+        return self
 
 
 class FinetuneConfig(Strict):
@@ -106,9 +126,11 @@ class ObjectiveConfig(BaseModel):
     """One loss term: its registered name, its weight (a number or a schedule), and its own
     parameters, which the objective validates itself (unknown ones are errors)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str
     weight: float | dict[str, Any] = 1.0
+    teacher: str | None = Field(None, description="the role this term learns from: `teacher`, a key of "
+                                "`teachers` or `assistants`; default: the stage's only teacher")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -147,7 +169,7 @@ class TeacherCacheConfig(Strict):
 class EvalConfig(Strict):
     batch_size: PositiveInt = 64
     ece_bins: PositiveInt = 15
-    latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32])
+    latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32], min_length=1)
     latency_seq_len: PositiveInt = 64
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: PositiveInt = 10
@@ -171,12 +193,33 @@ class AugmentConfig(Strict):
     seed: int = 0
 
 
+class StrategyConfig(BaseModel):
+    """Who learns from whom in a stage: a strategy registered by name in ``kdforge.recipes``
+    (``offline``, ``multi_teacher``, ``assistant_ensemble``, ``ces_kd``), with its own parameters,
+    which the strategy validates itself."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "offline"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class StageConfig(Strict):
-    """One step of a multi-stage recipe: its data, objectives, training overrides and head."""
+    """One step of a recipe: its data source, its roles (who learns, who teaches), its strategy and
+    loss terms, training overrides and head."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     data: Literal["task", "ptp", "corpus"] = Field("task", description="task: the task's labelled data; "
                                                    "ptp: teacher-prediction labels (Pea-KD); corpus: unlabeled text")
+    learner: str = Field("student", description="the role trained in this stage: `student` or an assistant")
+    teachers: list[str] | None = Field(None, description="the roles it learns from (teachers, assistants "
+                                       "trained in earlier stages); default: every teacher of the job")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    teacher_source: Literal["auto", "live", "cache"] = Field(
+        "auto", description="where frozen teachers' outputs come from: cache = computed once and stored "
+        "(kdforge.cache), live = every step, auto = the cache where it is exact")
     corpus: CorpusConfig | None = None
     ptp: PTPConfig = Field(default_factory=PTPConfig)
     objectives: list[ObjectiveConfig]
@@ -197,10 +240,18 @@ def _default_objectives() -> list[ObjectiveConfig]:
     return [ObjectiveConfig(name="ce", weight=0.5), ObjectiveConfig(name="hinton_kd", weight=0.5, temperature=4.0)]
 
 
+#: role names a job gives its models besides those of `teachers` and `assistants`
+PRIMARY_TEACHER, STUDENT = "teacher", "student"
+
+
 class JobConfig(Strict):
     task: TaskConfig
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(None, description="the teacher (role `teacher`); several: `teachers`")
+    teachers: dict[str, TeacherConfig] = Field(default_factory=dict, description="named teachers (roles), each "
+                                               "with its own model, fine-tuning and cache")
     student: StudentConfig | None = None
+    assistants: dict[str, StudentConfig] = Field(default_factory=dict, description="teacher assistants (roles), "
+                                                 "built like the student and trained by a stage (`learner:`)")
     objectives: list[ObjectiveConfig] = Field(default_factory=_default_objectives)
     train: TrainConfig = Field(default_factory=TrainConfig)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
@@ -208,6 +259,38 @@ class JobConfig(Strict):
     stages: list[StageConfig] | None = Field(None, description="a multi-stage recipe; default: one stage "
                                              "named distill with `objectives` and `train`")
     output_dir: str = "runs/job"
+
+    @model_validator(mode="after")
+    def _roles_valid(self) -> JobConfig:
+        if self.teacher is None and not self.teachers:
+            raise ValueError("give a `teacher` section (or several named ones under `teachers`)")
+        names = [*self.teachers, *self.assistants]
+        reserved = {PRIMARY_TEACHER, STUDENT}
+        clash = sorted(reserved & set(names) | {n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(f"role names must be unique and not `teacher`/`student` (got {', '.join(clash)} "
+                             "in teachers/assistants)")
+        roles = set(self.roles())
+        for i, stage in enumerate(self.all_stages()):
+            if stage.learner not in {STUDENT, *self.assistants}:
+                raise ValueError(f"stages.{i}.learner: {stage.learner!r} is not `student` or an assistant "
+                                 f"({', '.join(self.assistants) or 'none defined under `assistants`'})")
+            for role in [*(stage.teachers or []), *(o.teacher for o in stage.objectives if o.teacher)]:
+                if role not in roles or role in (STUDENT, stage.learner):
+                    raise ValueError(f"stage {stage.name!r}: {role!r} cannot teach here; roles: "
+                                     f"{', '.join(r for r in roles if r not in (STUDENT, stage.learner))}")
+        return self
+
+    def teacher_configs(self) -> dict[str, TeacherConfig]:
+        """Every teacher by role; the ``teacher`` section first (the primary teacher)."""
+        return {**({PRIMARY_TEACHER: self.teacher} if self.teacher else {}), **self.teachers}
+
+    def roles(self) -> list[str]:
+        return [*self.teacher_configs(), *self.assistants, STUDENT]
+
+    def stage_teachers(self, stage: StageConfig) -> list[str]:
+        """The roles ``stage`` learns from: its ``teachers`` list, else every teacher of the job."""
+        return stage.teachers if stage.teachers is not None else list(self.teacher_configs())
 
     @model_validator(mode="after")
     def _stages_valid(self) -> JobConfig:
@@ -270,7 +353,7 @@ def apply_overrides(tree: dict, overrides: list[str] | dict[str, Any] | None) ->
             if "=" not in text:
                 raise KDForgeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-5")
             key, raw = text.split("=", 1)
-            parsed.append((key.strip(), _parse_value(raw)))
+            parsed.append((key.strip(), _parse_value(raw, text)))
         items = parsed
     for key, value in items:
         _fill_default_section(tree, key.split(".")[0])
@@ -278,9 +361,20 @@ def apply_overrides(tree: dict, overrides: list[str] | dict[str, Any] | None) ->
     return tree
 
 
-def _parse_value(raw: str) -> Any:
-    """YAML value; also numbers YAML 1.1 leaves as strings (``3e-5``)."""
-    value = yaml.safe_load(raw)
+def _parse_value(raw: str, text: str = "") -> Any:
+    """YAML value; also numbers YAML 1.1 leaves as strings (``3e-5``). ``text`` (the whole
+    ``KEY=VALUE``) names the override in errors. Only plain YAML is read: a tag such as
+    ``!!python/object`` is refused, never constructed."""
+    where = f"--set {text or raw}"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.constructor.ConstructorError:
+        raise KDForgeError(f"{where}: YAML tags (!!...) are not allowed in a value; give a plain number, "
+                           "string, list or mapping") from None
+    except yaml.YAMLError as err:
+        raise KDForgeError(f"{where}: the value is not valid YAML ({str(err).splitlines()[0]}); write a complete "
+                           "value, e.g. --set 'student.layers=[0, 5]', and quote strings with special "
+                           "characters") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -311,7 +405,38 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: {where}{msg}; fix it in the config file or with --set{more}"
 
 
+def _opens_free_form(path: tuple) -> bool:
+    """Whether the value at ``path`` holds settings that pydantic does not type here (objective and
+    strategy parameters, ``student.config``), so a string such as "inf" would pass as a number later."""
+    last = path[-1] if path else None
+    return last in ("objectives", "strategy") or (
+        last == "config" and len(path) >= 2 and (path[-2] == "student" or path[:-2][-1:] == ("assistants",)))
+
+
+def check_finite(tree: Any, source: str = "config", path: tuple = (), free_form: bool = False) -> None:
+    """Refuse nan/inf anywhere in ``tree`` (as a number, or spelled as a string where the value is
+    not typed yet), naming the dotted key: a non-finite learning rate, temperature or weight only
+    ends in a NaN loss later."""
+    if isinstance(tree, dict | list):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        for key, value in items:
+            sub = (*path, key)
+            check_finite(value, source, sub, free_form or _opens_free_form(sub))
+        return
+    bad = isinstance(tree, float) and not math.isfinite(tree)
+    if isinstance(tree, str) and free_form:
+        try:
+            bad = not math.isfinite(float(tree))
+        except ValueError:
+            bad = False
+    if bad:
+        where = ".".join(str(p) for p in path) or "(top level)"
+        raise KDForgeError(f"{source}: `{where}` is {tree}: numbers in the config must be finite (not nan or "
+                           "inf); fix it in the config file or with --set")
+
+
 def validate_config(tree: dict, source: str = "config") -> JobConfig:
+    check_finite(tree, source)
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as err:
@@ -324,7 +449,10 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     if not path.is_file():
         raise KDForgeError(f"config file {path} not found; pass the path of a YAML config (see configs/)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise KDForgeError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                           "save the config as UTF-8") from None
     except yaml.YAMLError as err:
         raise KDForgeError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(tree, dict):

@@ -3,7 +3,7 @@
 * Hugging Face models: ``save_pretrained`` + the tokenizer, so plain
   ``AutoModelForSequenceClassification.from_pretrained(folder)`` reproduces kdforge's predictions.
 * Built-in vision nets: ``model.safetensors`` + ``kdforge_model.json`` naming the architecture;
-  ``kdforge.models.loading.load_model(folder)`` rebuilds them.
+  ``kdforge.models.loading.load_model(folder)`` rebuilds them (:func:`kdforge.models.loading.load_vision_export`).
 The folder is written beside its destination and renamed into place (atomic).
 """
 
@@ -12,24 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 
 from kdforge.engine.checkpoint import staged_folder
-from kdforge.models.loading import LoadedModel
-
-VISION_META = "kdforge_model.json"
-
-
-def write_pretrained(folder: str | Path, model, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
-    """``save_pretrained`` of ``model`` (and ``tokenizer``) plus small text files, written atomically."""
-    folder = Path(folder)
-    with staged_folder(folder) as staging:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-    return folder
+from kdforge.models.loading import VISION_META, LoadedModel
+from kdforge.models.saving import write_pretrained
+from kdforge.models.sps import is_sps, save_sps_compact, save_sps_unrolled
 
 
 def export_model(loaded: LoadedModel, folder: str | Path) -> Path:
@@ -37,8 +25,6 @@ def export_model(loaded: LoadedModel, folder: str | Path) -> Path:
     its compact shared form beside it (``<folder>-compact``, reload with ``load_model``)."""
     folder = Path(folder)
     if loaded.is_hf:
-        from kdforge.models.sps import is_sps, save_sps_compact, save_sps_unrolled
-
         if is_sps(loaded.model):
             save_sps_compact(loaded.model, folder.with_name(f"{folder.name}-compact"), loaded.tokenizer)
             return save_sps_unrolled(loaded.model, folder, loaded.tokenizer)
@@ -49,13 +35,3 @@ def export_model(loaded: LoadedModel, folder: str | Path) -> Path:
         save_model(loaded.model, str(staging / "model.safetensors"))
         (staging / VISION_META).write_text(json.dumps({"arch": arch, "num_classes": num_classes}, indent=2))
     return folder
-
-
-def load_vision_export(folder: str | Path, num_classes: int, in_channels: int = 3) -> LoadedModel:
-    from kdforge.models.vision_nets import build_vision_net
-
-    folder = Path(folder)
-    meta = json.loads((folder / VISION_META).read_text())
-    model = build_vision_net(meta["arch"], num_classes, in_channels)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    return LoadedModel(model, None, f"vision:{meta['arch']}")

@@ -23,13 +23,16 @@ index). The hint points are returned sorted.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from kdforge.engine.predict import iterate_outputs
 from kdforge.errors import KDForgeError
+from kdforge.models.adapter import ModelAdapter
 
 
 def pool_features(hidden: torch.Tensor, mask: torch.Tensor | None = None,
@@ -115,8 +118,9 @@ def select_hint_points(similarity: np.ndarray, k: int) -> list[int]:
     return sorted(points)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _one_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``collate_fn`` for a list of ready batches served one at a time: the batch itself."""
+    return items[0]
 
 
 def hint_points_for(model: nn.Module, batches: Iterable[dict[str, Any]], k: int,
@@ -126,29 +130,22 @@ def hint_points_for(model: nn.Module, batches: Iterable[dict[str, Any]], k: int,
     Returns hidden-state indices (i = output of layer i, 1..num_layers; 0 = the embedding output,
     a candidate only with ``include_embeddings``), usable as ``teacher_layer`` of the ``hint`` term.
     """
-    from kdforge.models.adapter import ModelAdapter
-
     adapter = ModelAdapter(model, hidden_states=True)
-    was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     per_layer: list[list[torch.Tensor]] | None = None
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                outputs = adapter(_to_device(batch, device))
-                if outputs.hidden_states is None:
-                    raise KDForgeError(f"hint_points_for needs hidden states but {type(model).__name__} returns none; "
-                                       "use a Hugging Face model")
-                states = outputs.hidden_states if include_embeddings else outputs.hidden_states[1:]
-                pooled = [pool_features(h, batch.get("attention_mask"), pooling).cpu() for h in states]
-                if per_layer is None:
-                    per_layer = [[p] for p in pooled]
-                else:
-                    for bucket, p in zip(per_layer, pooled, strict=True):
-                        bucket.append(p)
-    finally:
-        model.train(was_training)
+    # closing(): the model's mode is restored at once, also when the loop below raises
+    with closing(iterate_outputs(adapter, list(batches), _one_batch, 1, device, "hint points")) as outputs_of:
+        for outputs, batch in outputs_of:
+            if outputs.hidden_states is None:
+                raise KDForgeError(f"hint_points_for needs hidden states but {type(model).__name__} returns none; "
+                                   "use a Hugging Face model")
+            states = outputs.hidden_states if include_embeddings else outputs.hidden_states[1:]
+            pooled = [pool_features(h, batch.get("attention_mask"), pooling).cpu() for h in states]
+            if per_layer is None:
+                per_layer = [[p] for p in pooled]
+            else:
+                for bucket, p in zip(per_layer, pooled, strict=True):
+                    bucket.append(p)
     if per_layer is None:
         raise KDForgeError("hint_points_for got no batches; pass a few batches of the training data")
     similarity = layer_similarity([torch.cat(bucket) for bucket in per_layer])

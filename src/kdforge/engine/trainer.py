@@ -1,4 +1,7 @@
-"""The training loop, shared by fine-tuning, offline, online and multi-teacher distillation.
+"""The training loop, shared by fine-tuning and every distillation strategy.
+
+It trains a :class:`kdforge.engine.step.TrainStep` (the strategy's seam: the loss of a batch, the
+learner to evaluate) and knows nothing of objectives or roles.
 
 Built on HF Accelerate (devices, DDP with gloo on CPU / nccl on GPU via ``accelerate launch`` or
 ``torchrun``, mixed precision). It adds what a distillation run needs: AdamW with linear warm-up
@@ -30,13 +33,13 @@ from tqdm.auto import tqdm
 from kdforge.config import TrainConfig
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.batching import batches_per_epoch, epoch_batches
-from kdforge.engine.module import DistillationModule
+from kdforge.engine.step import TrainStep
 from kdforge.errors import KDForgeError
-from kdforge.objectives.base import Progress
+from kdforge.progress import Progress
 
 log = logging.getLogger("kdforge")
 
-#: evaluate(student_adapter) -> {metric: value}
+#: evaluate(learner) -> {metric: value}
 Evaluate = Callable[[torch.nn.Module], dict[str, float]]
 
 
@@ -84,9 +87,9 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
 
 
 class Trainer:
-    """Trains ``module`` on ``train_data``; ``fit()`` returns the final :class:`TrainState`."""
+    """Trains ``step`` on ``train_data``; ``fit()`` returns the final :class:`TrainState`."""
 
-    def __init__(self, module: DistillationModule, train_data: Dataset, collate_fn: Callable,
+    def __init__(self, step: TrainStep, train_data: Dataset, collate_fn: Callable,
                  config: TrainConfig, run_dir: str | Path, evaluate: Evaluate | None = None,
                  main_metric: str | None = None, greater_is_better: bool = True,
                  callbacks: Sequence[Callable[[Trainer], None]] = (), accelerator: Accelerator | None = None,
@@ -115,11 +118,11 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
-        optimizer = torch.optim.AdamW(param_groups(module, config.weight_decay), lr=config.lr)
+        optimizer = torch.optim.AdamW(param_groups(step, config.weight_decay), lr=config.lr)
         self.scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * self.total_steps),
                                              self.total_steps)
-        self.model, self.optimizer = acc.prepare(module, optimizer)
-        self.unwrapped: DistillationModule = acc.unwrap_model(self.model)
+        self.model, self.optimizer = acc.prepare(step, optimizer)
+        self.unwrapped: TrainStep = acc.unwrap_model(self.model)
         self.writer = None
 
     # ------------------------------------------------------------------ helpers
@@ -146,34 +149,31 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(ckpt.rng_state(), staging / f"rng-{self.rank}.pt")
-        if self.is_main:
-            torch.save({"module": self.unwrapped.checkpoint_state(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "trainer": vars(self.state),
-                        "world": self.world}, staging / "state.pt")
+        ckpt.save_rng(staging, self.rank)
+        if self.is_main:  # tensors and plain values only: loads with weights_only=True
+            ckpt.save_state(staging, {"module": self.unwrapped.checkpoint_state(),
+                                      "optimizer": self.optimizer.state_dict(),
+                                      "scheduler": self.scheduler.state_dict()})
         acc.wait_for_everyone()
         if self.is_main:
-            ckpt.publish(self.ckpt_dir)
+            ckpt.finish(staging, self.world, vars(self.state))  # counters and history as JSON
+            ckpt.publish_checkpoint(self.ckpt_dir)  # the replaced checkpoint is kept as `previous`
         acc.wait_for_everyone()
 
     def load_checkpoint(self) -> bool:
-        ckpt.recover(self.ckpt_dir)
-        state_file = self.ckpt_dir / "state.pt"
-        if not state_file.is_file():
+        # `last`, or `previous` when a file of `last` is truncated or corrupt (reported)
+        saved = ckpt.read_checkpoint(self.ckpt_dir, self.rank, self.world)
+        if saved is None:
             return False
-        saved = ckpt.load(state_file)
-        if saved["world"] != self.world:
-            raise KDForgeError(f"checkpoint {self.ckpt_dir} was written by {saved['world']} processes; "
-                               f"resume with the same number (now {self.world})")
-        missing, unexpected = self.unwrapped.load_state_dict(saved["module"], strict=False)
-        if unexpected or any(not k.startswith("teachers.") for k in missing):
-            raise KDForgeError(f"checkpoint {self.ckpt_dir} does not match this job's models; "
+        missing, unexpected = self.unwrapped.load_state_dict(saved.state["module"], strict=False)
+        if unexpected or any(not TrainStep.is_frozen_key(k) for k in missing):
+            raise KDForgeError(f"checkpoint {saved.folder} does not match this job's models; "
                                "resume with the same config, or start without --resume")
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.state = TrainState(**saved["trainer"])
-        ckpt.set_rng_state(ckpt.load(self.ckpt_dir / f"rng-{self.rank}.pt"))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.ckpt_dir, self.state.step,
+        self.optimizer.load_state_dict(saved.state["optimizer"])
+        self.scheduler.load_state_dict(saved.state["scheduler"])
+        self.state = TrainState(**saved.trainer)
+        ckpt.set_rng_state(saved.rng)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", saved.folder, self.state.step,
                  self.state.epoch + 1, self.state.batches_done)
         return True
 
@@ -183,7 +183,7 @@ class Trainer:
         entry: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step,
                                  "loss": s.loss_sum / max(1, s.loss_count)}
         if self.evaluate is not None:
-            metrics = self.evaluate(self.unwrapped.student)
+            metrics = self.evaluate(self.unwrapped.learner)
             self.model.train()
             entry.update(metrics)
             self._tensorboard("eval", metrics)
@@ -193,7 +193,7 @@ class Trainer:
             if better:
                 s.best_metric, s.best_epoch = value, s.epoch + 1
                 if self.config.select_best and self.is_main:
-                    ckpt.save_torch_atomic(self.unwrapped.student.state_dict(), self.best_path)
+                    ckpt.save_torch_atomic(self.unwrapped.learner.state_dict(), self.best_path)
             log.info("%s epoch %d/%d: %s", self.desc, s.epoch + 1, self.config.epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
         s.history.append(entry)
@@ -225,7 +225,7 @@ class Trainer:
             if self.writer is not None:
                 self.writer.close()
         if cfg.select_best and self.state.best_epoch is not None and self.best_path.is_file():
-            self.unwrapped.student.load_state_dict(ckpt.load(self.best_path))
+            self.unwrapped.learner.load_state_dict(ckpt.load(self.best_path))
             log.info("%s: kept epoch %d (best %s %.4f)", self.desc, self.state.best_epoch, self.main_metric,
                      self.state.best_metric)
         acc.wait_for_everyone()
@@ -265,6 +265,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             s.step += 1
+            self.unwrapped.after_step(self.progress())
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.4f}", epoch=s.epoch + 1, refresh=False)
             if s.step % cfg.log_every == 0 or s.step == self.total_steps:

@@ -187,9 +187,29 @@ def _as_table(rows: list[dict[str, str]]) -> tuple[list[str], list[list[str]]]:
     return headers, [[row[h] for h in headers] for row in rows]
 
 
-def format_table(teacher: ModelReport, student: ModelReport) -> str:
-    """The comparison as plain text: aligned columns (model left, numbers right) and footer lines."""
-    return "\n".join([_aligned(*_as_table(comparison_rows(teacher, student))), *_footer(teacher, student)])
+def selection_line(selected_on: str | None = None, reported_on: str | None = None) -> str | None:
+    """Which split chose the best epoch and which split the numbers are from, e.g. ``"best epoch selected
+    on: validation (90 rows carved from train); reported on: dev (872 rows)"`` (the arguments are
+    ``Task.describe_split`` strings). ``None`` when neither is known. When both name the same split
+    the line says so: a score selected on the split it reports is optimistically biased."""
+    if selected_on is None and reported_on is None:
+        return None
+    if selected_on is None:
+        return f"reported on: {reported_on}"
+    line = f"best epoch selected on: {selected_on}"
+    if reported_on is None:
+        return line
+    same = " (the same split: the score is optimistic)" if selected_on == reported_on else ""
+    return f"{line}; reported on: {reported_on}{same}"
+
+
+def format_table(teacher: ModelReport, student: ModelReport, selected_on: str | None = None,
+                 reported_on: str | None = None) -> str:
+    """The comparison as plain text: aligned columns (model left, numbers right) and footer lines,
+    ending with :func:`selection_line` when ``selected_on``/``reported_on`` are given."""
+    selection = selection_line(selected_on, reported_on)
+    return "\n".join([_aligned(*_as_table(comparison_rows(teacher, student))), *_footer(teacher, student),
+                      *([selection] if selection else [])])
 
 
 def _history_table(history: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -215,12 +235,13 @@ Block = tuple[str, Any]
 
 
 def _blocks(teacher: ModelReport, student: ModelReport, title: str, config_yaml: str,
-            history: list[dict[str, Any]] | None, png: bytes | None) -> list[Block]:
+            history: list[dict[str, Any]] | None, png: bytes | None, selection: str | None = None) -> list[Block]:
     blocks: list[Block] = [
         ("h1", title),
         ("h2", "Teacher vs student"),
         ("table", _as_table(comparison_rows(teacher, student))),
         *(("p", line) for line in _footer(teacher, student)),
+        *([("p", selection)] if selection else []),
     ]
     if png is not None:
         blocks += [("h2", "Reliability diagram"), ("image", ("reliability.png", png))]
@@ -299,13 +320,16 @@ def write_report(
     title: str,
     config_yaml: str,
     history: list[dict[str, Any]] | None = None,
+    selected_on: str | None = None,
+    reported_on: str | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and (when both models have reliability bins)
     ``reliability.png`` into ``run_dir``, each atomically.
 
     ``history``: optional training log, one dict per evaluation with ``epoch``, ``step``, ``loss``
-    and eval metrics. Returns ``{"markdown": path, "html": path}`` plus ``"reliability": path``
-    when the diagram was drawn."""
+    and eval metrics. ``selected_on``/``reported_on``: descriptions of the selection and reported
+    splits (``Task.describe_split``), written as one line under the table (:func:`selection_line`).
+    Returns ``{"markdown": path, "html": path}`` plus ``"reliability": path`` when the diagram was drawn."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -315,7 +339,7 @@ def write_report(
         paths["reliability"] = plot_reliability(
             {names[0]: teacher.reliability, names[1]: student.reliability}, run_dir / "reliability.png")
         png = paths["reliability"].read_bytes()
-    blocks = _blocks(teacher, student, title, config_yaml, history, png)
+    blocks = _blocks(teacher, student, title, config_yaml, history, png, selection_line(selected_on, reported_on))
     paths["markdown"] = atomic_write_text(run_dir / "report.md", _markdown(blocks))
     paths["html"] = atomic_write_text(run_dir / "report.html", _html(blocks, title))
     return paths

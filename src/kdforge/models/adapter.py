@@ -3,7 +3,9 @@
 ``ModelAdapter(model)(batch) -> Outputs`` works for Hugging Face models (hidden states and
 attentions requested through the standard flags) and for any ``nn.Module`` (logits = its
 output); intermediate features are captured by forward hooks on modules named by path
-(``bert.encoder.layer.3.output``, ``layer2``), as in torchdistill.
+(``bert.encoder.layer.3.output``, ``layer2``), as in torchdistill. The *input* of a module (the
+student's penultimate feature, i.e. what its classification head reads) is captured by a forward
+pre-hook for each path in ``input_paths``, under ``Outputs.features["input:" + path]``.
 
 Attention maps: transformers 5 runs sdpa attention, which returns no maps. Only when an
 objective needs them does the adapter switch that model to the eager implementation.
@@ -43,7 +45,7 @@ class ModelAdapter(nn.Module):
     """Wraps a model; ``forward(batch)`` returns :class:`Outputs`."""
 
     def __init__(self, model: nn.Module, hook_paths: Iterable[str] = (), hidden_states: bool = False,
-                 attentions: bool = False, teacher: bool = False):
+                 attentions: bool = False, teacher: bool = False, input_paths: Iterable[str] = ()):
         super().__init__()
         self.model = model
         self.teacher = teacher  # reads batch["teacher_input_ids"] when a compressed-vocabulary student has its own
@@ -51,26 +53,41 @@ class ModelAdapter(nn.Module):
         self.attentions = attentions
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks = [self._hook(path) for path in hook_paths]
+        self._hooks += [self._input_hook(path) for path in input_paths]
         self.train(model.training)  # mirror the wrapped model's mode, so restoring "the previous mode" is right
         if attentions and is_hf_model(model) and model.config._attn_implementation != "eager":
             model.set_attn_implementation("eager")
 
-    def _hook(self, path: str):
+    def _module(self, path: str) -> nn.Module:
         try:
-            module = self.model.get_submodule(path)
+            return self.model.get_submodule(path)
         except AttributeError:
             names = [n for n, _ in self.model.named_modules() if n]
             close = difflib.get_close_matches(path, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KDForgeError(f"module path {path!r} not found in {type(self.model).__name__}{hint}") from None
 
+    def _hook(self, path: str):
+        module = self._module(path)
+
         def keep(_module, _inputs, output):
             self._captured[path] = _first_tensor(output)
 
         return module.register_forward_hook(keep)
 
+    def _input_hook(self, path: str):
+        """A forward pre-hook keeping the module's first positional input (else its first keyword input)."""
+        module = self._module(path)
+
+        def keep_input(_module, args, kwargs):
+            value = args[0] if args else next(iter(kwargs.values()), None)
+            if value is not None:
+                self._captured["input:" + path] = _first_tensor(value)
+
+        return module.register_forward_pre_hook(keep_input, with_kwargs=True)
+
     def remove_hooks(self) -> None:
-        """Detach this adapter's forward hooks from the model (before another adapter wraps it)."""
+        """Detach this adapter's forward hooks and pre-hooks from the model (before another adapter wraps it)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

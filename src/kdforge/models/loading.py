@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import nn
 
 from kdforge.errors import KDForgeError
+from kdforge.models.hub import resolve_hub_id
+from kdforge.models.integrity import check_weight_files
+from kdforge.models.positions import check_max_length
+from kdforge.models.sps import is_sps_compact, load_sps_compact
+from kdforge.models.vision_nets import build_vision_net
 
 log = logging.getLogger("kdforge")
+
+#: the JSON naming the architecture of an exported built-in vision net (beside ``model.safetensors``)
+VISION_META = "kdforge_model.json"
 
 
 @dataclass
@@ -67,18 +77,25 @@ def gguf_file(folder: Path) -> str | None:
     return files[0] if files else None
 
 
-def resolve_model_source(spec: str) -> str:
-    """A local path for ``package:``/folder specs; a hub id is returned unchanged."""
+def resolve_model_source(spec: str, config_key: str = "teacher.model") -> str:
+    """A local path for ``package:``/folder specs (its weight files checked for truncation); a hub id
+    is returned unchanged when the hub is reachable, as its cached snapshot folder when offline."""
     if spec.startswith("package:"):
-        return str(package_model_dir(spec.removeprefix("package:")))
+        folder = package_model_dir(spec.removeprefix("package:"))
+        check_weight_files(folder)
+        return str(folder)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not gguf_file(path):
             raise KDForgeError(f"model folder {path} has no config.json; give a folder written by save_pretrained")
+        check_weight_files(path)
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise KDForgeError(f"model folder {spec} does not exist; fix the model path in the config")
-    return spec  # a hub id
+    source = resolve_hub_id(spec, config_key)  # a hub id
+    if source != spec:
+        check_weight_files(source)
+    return source
 
 
 def load_causal_lm(spec: str, config_key: str = "teacher.model") -> LoadedModel:
@@ -87,7 +104,7 @@ def load_causal_lm(spec: str, config_key: str = "teacher.model") -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_source(spec)
+    source = resolve_model_source(spec, config_key)
     gguf = gguf_file(Path(source)) if Path(source).is_dir() else None
     extra = {"gguf_file": gguf} if gguf else {}
     try:
@@ -108,7 +125,7 @@ def load_text_model(spec: str, num_labels: int, problem_type: str, label_names: 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = resolve_model_source(spec)
+    source = resolve_model_source(spec, config_key)
     try:
         config = AutoConfig.from_pretrained(source)
     except OSError as err:
@@ -142,24 +159,34 @@ def load_text_model(spec: str, num_labels: int, problem_type: str, label_names: 
 
 def load_model(spec: str, task: Any, config_key: str = "teacher.model", trained_head: bool = False) -> LoadedModel:
     """Load whatever ``spec`` names for ``task`` (a kdforge Task)."""
-    if (Path(spec) / "kdforge_model.json").is_file():
-        from kdforge.export import load_vision_export
-
+    check_weight_files(spec)  # a truncated model.safetensors: one line naming it
+    if (Path(spec) / VISION_META).is_file():
         return load_vision_export(spec, task.num_labels, getattr(task, "in_channels", 3))
-    from kdforge.models.sps import is_sps_compact, load_sps_compact
-
     if is_sps_compact(spec):
         from transformers import AutoTokenizer
 
         return LoadedModel(load_sps_compact(spec), AutoTokenizer.from_pretrained(spec), spec)
     if spec.startswith("vision:"):
-        from kdforge.models.vision_nets import build_vision_net
-
         in_channels = getattr(task, "in_channels", 3)
         return LoadedModel(build_vision_net(spec.removeprefix("vision:"), task.num_labels, in_channels), None, spec)
     if getattr(task, "problem_type", None) == "language_modeling":
-        return load_causal_lm(spec, config_key)
-    if task.modality != "text":
+        loaded = load_causal_lm(spec, config_key)
+    elif task.modality != "text":
         raise KDForgeError(f"{config_key}: {spec!r} is a text model but task {task.name} has images; "
                            "use vision:NAME (e.g. vision:resnet8x4)")
-    return load_text_model(spec, task.num_labels, task.problem_type, task.label_names, config_key, trained_head)
+    else:
+        loaded = load_text_model(spec, task.num_labels, task.problem_type, task.label_names, config_key,
+                                 trained_head)
+    check_max_length(loaded.model, getattr(getattr(task, "config", None), "max_length", None), "task.max_length",
+                     f"{config_key} {spec!r}")
+    return loaded
+
+
+def load_vision_export(folder: str | Path, num_classes: int, in_channels: int = 3) -> LoadedModel:
+    """A built-in vision net written by :func:`kdforge.export.export_model` (``model.safetensors`` +
+    ``kdforge_model.json`` naming the architecture)."""
+    folder = Path(folder)
+    meta = json.loads((folder / VISION_META).read_text())
+    model = build_vision_net(meta["arch"], num_classes, in_channels)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return LoadedModel(model, None, f"vision:{meta['arch']}")

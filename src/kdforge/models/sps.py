@@ -64,7 +64,8 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.evaluation.size import count_parameters
 from kdforge.models.adapter import is_hf_model
-from kdforge.models.student import layer_stack_path
+from kdforge.models.layer_stack import layer_stack_path
+from kdforge.models.saving import write_pretrained
 
 #: SPS layouts: "swap" (Pea-KD's SPS), "share" (paired sharing without the Q/K shuffle),
 #: "top_half_swap" (Pea-KD's 6-layer student: only the top half re-run, swapped)
@@ -318,8 +319,6 @@ def save_sps_compact(model: nn.Module, folder: str | Path, tokenizer: Any = None
 
 
 def _write(folder: str | Path, plain: nn.Module, tokenizer: Any, meta: dict | None) -> Path:
-    from kdforge.export import write_pretrained
-
     Path(folder).parent.mkdir(parents=True, exist_ok=True)
     extra = {SPS_META: json.dumps(meta, indent=2) + "\n"} if meta is not None else None
     return write_pretrained(folder, plain, tokenizer, extra)

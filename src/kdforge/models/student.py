@@ -12,25 +12,18 @@ import copy
 import logging
 import re
 
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from kdforge.config import StudentConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import is_hf_model
+from kdforge.models.layer_stack import layer_stack_path
 from kdforge.models.loading import LoadedModel, load_model
+from kdforge.models.positions import check_max_length
+from kdforge.models.sps import make_sps_student
 
 log = logging.getLogger("kdforge")
-
-
-def layer_stack_path(model: nn.Module) -> str:
-    """Path of the ModuleList holding the transformer layers (``bert.encoder.layer``, ``model.layers``)."""
-    n = getattr(model.config, "num_hidden_layers", None)
-    candidates = [name for name, module in model.named_modules()
-                  if isinstance(module, nn.ModuleList) and len(module) == n]
-    if not candidates:
-        raise KDForgeError(f"cannot find the layer stack of {type(model).__name__}; build the student with "
-                           "student.config or give one with student.model")
-    return min(candidates, key=len)
 
 
 def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
@@ -57,15 +50,45 @@ def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
 def student_from_config(teacher: nn.Module, overrides: dict) -> nn.Module:
     """A freshly initialised model of the teacher's class with config fields overridden
     (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ``num_attention_heads``...)."""
-    config = copy.deepcopy(teacher.config)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise KDForgeError(f"student.config.{key}: {type(config).__name__} has no field {key!r}")
-        setattr(config, key, value)
+    config = override_config(teacher.config, overrides)
     try:
         return type(teacher)(config)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, TypeError, StrictDataclassError) as err:
         raise KDForgeError(f"student.config {overrides} is not a valid model: {str(err).splitlines()[0]}") from None
+
+
+def _fits(value, current) -> bool:
+    """Whether ``value`` has the kind of a config field now holding ``current`` (None: any)."""
+    if value is None or current is None:
+        return True
+    if isinstance(current, bool):
+        return isinstance(value, bool)
+    if isinstance(current, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(current, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(current, str):
+        return isinstance(value, str)
+    return True
+
+
+def override_config(config, overrides: dict, prefix: str = "student.config"):
+    """A copy of an HF ``config`` with ``overrides`` set, each field checked to exist and to keep its
+    kind (an integer stays an integer: ``num_hidden_layers: abc`` is one line, not a crash later)."""
+    config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise KDForgeError(f"{prefix}.{key}: {type(config).__name__} has no field {key!r}")
+        current = getattr(config, key)
+        if not _fits(value, current):
+            raise KDForgeError(f"`{prefix}.{key}` is {value!r} but {type(config).__name__}.{key} takes "
+                               f"{type(current).__name__} values (the teacher's: {current!r}); fix {prefix}.{key}")
+        try:
+            setattr(config, key, value)
+        except (ValueError, TypeError, StrictDataclassError) as err:
+            reason = str(err).strip().splitlines()[-1].strip()
+            raise KDForgeError(f"`{prefix}.{key}` is {value!r}: {reason}; fix {prefix}.{key}") from None
+    return config
 
 
 def check_compatible(teacher: LoadedModel, student: LoadedModel) -> None:
@@ -123,9 +146,9 @@ def build_student(config: StudentConfig, teacher: LoadedModel, task, texts: list
         model = (student_from_layers(teacher.model, config.layers) if config.layers is not None
                  else student_from_config(teacher.model, config.config))
         student = LoadedModel(model, teacher.tokenizer, f"student of {teacher.source}")
+        check_max_length(model, getattr(getattr(task, "config", None), "max_length", None), "task.max_length",
+                         "the student")
     if config.sps:
-        from kdforge.models.sps import make_sps_student
-
         make_sps_student(student.model, config.sps)
         student.source += f" (SPS {config.sps})"
     if config.vocab_fraction is not None:

@@ -11,35 +11,18 @@ pydantic ``Params`` model (unknown or out-of-range values are config errors).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, PositiveFloat, ValidationError
 from torch import nn
 
-from kdforge.config import ObjectiveConfig, format_validation_error
+from kdforge.config import ObjectiveConfig, check_finite, format_validation_error
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
+from kdforge.objectives.schedules import make_schedule
+from kdforge.progress import Progress
 from kdforge.registry import Registry
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where training is: optimizer ``step`` of ``total_steps``, and the (fractional) ``epoch``."""
-
-    step: int = 0
-    total_steps: int = 1
-    epoch: float = 0.0
-
-    @property
-    def epoch_number(self) -> int:
-        """The current epoch counted from 1, as the papers' schedules count it."""
-        return int(self.epoch) + 1
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
 
 
 class NoParams(BaseModel):
@@ -54,6 +37,9 @@ class Objective(nn.Module):
     uses_teacher: ClassVar[bool] = True
     #: What the term needs from the models' forward: "hidden_states", "attentions".
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: May the term's weight be negative? Only a term whose docstring says what a negative weight
+    #: means sets this; for every other term a negative weight maximises the loss (a config error).
+    allows_negative_weight: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__()
@@ -93,8 +79,6 @@ class LogitObjective(Objective):
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__(params)
-        from kdforge.objectives.schedules import make_schedule  # schedules imports this module
-
         self._temperature_schedule = make_schedule(getattr(self.params, "temperature", 1.0), "temperature")
 
     def temperature_at(self, progress: Progress) -> float:
@@ -113,13 +97,19 @@ class LogitObjective(Objective):
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
-def build_objective(config: ObjectiveConfig, index: int = 0) -> Objective:
-    """Instantiate a registered objective, validating its parameters."""
+def objective_params(config: ObjectiveConfig, index: int = 0) -> tuple[type[Objective], BaseModel]:
+    """The registered class of ``config`` and its validated parameters (nothing is built)."""
     import kdforge.objectives  # noqa: F401  (importing the package fills the registry)
 
     cls = OBJECTIVES.get(config.name, f"objectives.{index}.name")
+    check_finite(config.params, f"objective {config.name!r}", ("objectives", index), free_form=True)
     try:
-        params = cls.Params.model_validate(config.params)
+        return cls, cls.Params.model_validate(config.params)
     except ValidationError as err:
         raise KDForgeError(format_validation_error(err, f"objective {config.name!r} (objectives.{index})")) from None
+
+
+def build_objective(config: ObjectiveConfig, index: int = 0) -> Objective:
+    """Instantiate a registered objective, validating its parameters."""
+    cls, params = objective_params(config, index)
     return cls(params)

@@ -12,7 +12,6 @@ from torch import nn
 
 from kdforge.errors import KDForgeError
 from kdforge.objectives.base import OBJECTIVES, Objective
-from kdforge.objectives.common import one_teacher
 from kdforge.objectives.relation import LayersOrPaths, compute_dtype, full_precision, representations
 
 #: attributes naming a module's output width, tried in this order
@@ -195,7 +194,6 @@ class ContrastiveKD(LayersOrPaths, Objective):
 
     def forward(self, student, teacher, batch, progress):
         p = self.params
-        teacher = one_teacher(teacher, "contrastive_kd")
         if self.student_proj is None or self.teacher_proj is None:
             raise KDForgeError("objective 'contrastive_kd' was not set up; call setup(student, teacher) before "
                                "training (the engine and kdforge.Distiller do)")

@@ -242,8 +242,6 @@ class CTKD(Objective):
         return p.temperature_min + p.temperature_range * torch.sigmoid(gradient_reversal(theta, lam))
 
     def forward(self, student, teacher, batch, progress):
-        if teacher is None or isinstance(teacher, list | tuple):
-            raise KDForgeError("objective 'ctkd' needs exactly one teacher's logits; give the job one teacher")
         student_logits = _class_logits(student.logits, "ctkd")
         lam = self.lambda_at(progress)
         temperature = self.temperature(student_logits, teacher.logits, lam)

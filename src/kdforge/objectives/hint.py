@@ -30,7 +30,6 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import OBJECTIVES, Objective
-from kdforge.objectives.common import one_teacher
 
 # ---------------------------------------------------------------------------------------------
 # Helpers shared by the feature-level objectives (tinybert.py, pkd.py)
@@ -234,7 +233,6 @@ class Hint(Objective):
         return hidden_states_of(outputs, who, "hint")[layer]
 
     def forward(self, student, teacher, batch, progress):
-        teacher = one_teacher(teacher, "hint")
         if len(self.regressors) != len(self.pairs):
             raise RuntimeError("objective 'hint' was not set up: call setup(student, teacher) first")
         total = student.logits.new_zeros(())

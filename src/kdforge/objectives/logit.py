@@ -6,9 +6,11 @@ over classes and averaged over the batch ("batchmean"), which is the mathematica
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from kdforge.errors import KDForgeError
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Objective, Temperature, TemperatureSetting
@@ -71,6 +73,10 @@ class MeanSquaredError(Objective):
 class HintonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: TemperatureSetting = 4.0
+    reduction: Literal["batchmean", "mean"] = Field(
+        "batchmean", description="batchmean: KL summed over classes, mean over samples (the KL per sample); "
+        "mean: PyTorch KLDivLoss()'s default, the mean over all N x C elements (= batchmean / C), with which "
+        "TAKD's published hyper-parameters were tuned")
 
 
 @OBJECTIVES.register("hinton_kd")
@@ -82,12 +88,15 @@ class HintonKD(LogitObjective):
     The T^2 factor keeps the soft-target gradients on the same scale as the hard-target ones
     when T changes (the paper, section 2). Combine with ``ce`` by weights in the config, e.g.
     ``[{name: ce, weight: 0.5}, {name: hinton_kd, weight: 0.5, temperature: 4}]``.
+    ``reduction: mean`` divides by the number of classes C, as ``nn.KLDivLoss()`` with its default
+    reduction does (TAKD, Mirzadeh et al. 2020, tuned its weights with it).
     """
 
     Params = HintonParams
 
     def logit_loss(self, student_logits, teacher_logits, labels, temperature, progress):
-        return kd_kl_loss(_class_logits(student_logits, "hinton_kd"), teacher_logits, temperature)
+        loss = kd_kl_loss(_class_logits(student_logits, "hinton_kd"), teacher_logits, temperature)
+        return loss / student_logits.shape[-1] if self.params.reduction == "mean" else loss
 
 
 @OBJECTIVES.register("logit_mse")

@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from kdforge.errors import KDForgeError
 from kdforge.objectives.base import OBJECTIVES, Objective
-from kdforge.objectives.common import one_teacher
 from kdforge.objectives.hint import bert_linear, check_layer_map, encoder_size, hidden_states_of
 
 
@@ -105,7 +104,6 @@ class PatientKD(Objective):
             self.projection = bert_linear(d_s, d_t, float(getattr(student.config, "initializer_range", 0.02)))
 
     def forward(self, student, teacher, batch, progress):
-        teacher = one_teacher(teacher, "pkd")
         if self.layer_map is None:
             raise RuntimeError("objective 'pkd' was not set up: call setup(student, teacher) first")
         hs = hidden_states_of(student, "student", "pkd")

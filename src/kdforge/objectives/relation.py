@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import OBJECTIVES, Objective
-from kdforge.objectives.common import one_teacher
 
 Pooling = Literal["cls", "mean", "flatten"]
 
@@ -201,7 +200,6 @@ class Relation(LayersOrPaths, Objective):
 
     def forward(self, student, teacher, batch, progress):
         p = self.params
-        teacher = one_teacher(teacher, "relation")
         s = representations(student, p.student_layers, p.student_paths, "student", "relation", batch, p.pooling)
         t = representations(teacher, p.teacher_layers, p.teacher_paths, "teacher", "relation", batch, p.pooling)
         if p.over == "samples":

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from kdforge.config import format_validation_error
 from kdforge.errors import KDForgeError
-from kdforge.objectives.base import Progress
+from kdforge.progress import Progress
 
 
 class _Spec(BaseModel):

@@ -46,7 +46,6 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.models.student import layer_stack_path
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Objective, TemperatureSetting
-from kdforge.objectives.common import one_teacher
 from kdforge.objectives.hint import (
     bert_linear,
     check_layer_map,
@@ -113,7 +112,6 @@ class TinyBERTHidden(Objective):
         self.proj_embeddings = None if self.params.shared_projection else bert_linear(d_s, d_t, std)
 
     def forward(self, student, teacher, batch, progress):
-        teacher = one_teacher(teacher, "tinybert_hidden")
         if self.layer_map is None or self.proj_hidden is None:
             raise RuntimeError("objective 'tinybert_hidden' was not set up: call setup(student, teacher) first")
         hs = hidden_states_of(student, "student", "tinybert_hidden")
@@ -277,7 +275,6 @@ class TinyBERTAttention(Objective):
                                 feature_of(outputs, spec.key, who, "tinybert_attention"), spec, position_ids)
 
     def forward(self, student, teacher, batch, progress):
-        teacher = one_teacher(teacher, "tinybert_attention")
         if self.layer_map is None:
             raise RuntimeError("objective 'tinybert_attention' was not set up: call setup(student, teacher) first")
         position_ids = batch.get("position_ids")

@@ -18,7 +18,7 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.models.vocab import restrict_teacher_logits
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Temperature
-from kdforge.objectives.common import one_teacher, require, t_squared
+from kdforge.objectives.common import require, t_squared
 from kdforge.objectives.logit import _class_logits
 
 Reduction = Literal["tokens", "positions"]
@@ -159,7 +159,6 @@ class WordKD(LogitObjective):
                             reduction=self.params.reduction)
 
     def forward(self, student, teacher, batch, progress):
-        teacher = one_teacher(teacher, "word_kd")
         return self.logit_loss(student.logits, teacher.logits, None, self.params.temperature, progress,
                                mask=batch.get("attention_mask"))
 

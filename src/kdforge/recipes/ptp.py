@@ -72,7 +72,7 @@ class PTPTask(Task):
         self.label_names = list(PTP_LABELS)
         self.thresholds = (config.t1, config.t2)
         self._splits: dict[str, Relabelled] = {}
-        for split in ("train", base.eval_split):
+        for split in dict.fromkeys(("train", base.selection_split, base.eval_split)):
             data = base.split(split)
             logits, gold = predict(ModelAdapter(teacher.model), data, base.collator(teacher.tokenizer), batch_size,
                                    device, f"PTP labels ({split})")

@@ -16,15 +16,18 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
 from kdforge.registry import Registry
+from kdforge.tasks.validation import SPLIT as VALIDATION
+from kdforge.tasks.validation import carve_indices, dataset_labels, validation_file
 
 
 class ListDataset(Dataset):
@@ -61,10 +64,19 @@ class Task(ABC):
     #: True when the training collator draws random augmentations (teacher outputs then differ per epoch)
     random_train_inputs: bool = False
     in_channels: int = 3
+    #: what a ``task.validation`` file holds; None: this task takes only a fraction of its training rows
+    validation_file_format: str | None = None
 
     def __init__(self, config: TaskConfig):
         self.config = config
         self.label_names: list[str] = []
+        self._carved: tuple[Dataset, Dataset] | None = None  # (train, validation) of a fraction
+        self._validation_data: Dataset | None = None  # the rows of a validation file
+        if isinstance(config.validation, str):  # fail before any training
+            if self.validation_file_format is None:
+                raise KDForgeError(f"task {config.name} takes `task.validation` as a fraction of its training "
+                                   f"rows (e.g. 0.1), not a file ({config.validation!r})")
+            validation_file(config)
 
     @property
     def name(self) -> str:
@@ -100,8 +112,64 @@ class Task(ABC):
         bins = reliability_bins(softmax(logits.astype(np.float64)), labels, ece_bins)
         return Scores(metrics, bins["ece"], bins)
 
+    @property
+    def selection_split(self) -> str:
+        """The split on which the best epoch (ensemble weights, ...) is chosen: ``"validation"`` when
+        ``task.validation`` is set, else the reported split ``eval_split``."""
+        return VALIDATION if self.config.validation is not None else self.eval_split
+
     def split(self, split: str) -> Dataset:
-        """``load_split`` limited to a fixed random sample when ``train_limit``/``eval_limit`` is set."""
+        """``load_split`` limited to a fixed random sample when ``train_limit``/``eval_limit`` is set.
+
+        With ``task.validation`` set, ``split("validation")`` gives the validation rows (see
+        :mod:`kdforge.tasks.validation`): a fraction is carved from the sampled training rows, which
+        ``split("train")`` then excludes; a file is read by :meth:`read_validation_file`."""
+        if split == VALIDATION:
+            return self._validation_split()
+        if split == "train" and isinstance(self.config.validation, float):
+            return self._carve()[0]
+        return self._sampled(split)
+
+    def read_validation_file(self, path: Path) -> Dataset:
+        """The examples of a ``task.validation`` file (tasks with a ``validation_file_format``)."""
+        raise KDForgeError(f"task {self.name} cannot read a validation file; give `task.validation` as a fraction")
+
+    def describe_split(self, split: str) -> str:
+        """The split and its size for reports, e.g. ``"dev (872 rows)"`` or ``"validation (90 rows carved
+        from train)"``."""
+        rows = len(self.split(split))
+        if split != VALIDATION:
+            return f"{split} ({rows} rows)"
+        source = "carved from train" if isinstance(self.config.validation, float) else \
+            f"from {Path(str(self.config.validation)).name}"
+        return f"{split} ({rows} rows {source})"
+
+    def _validation_split(self) -> Dataset:
+        value = self.config.validation
+        if value is None:
+            raise KDForgeError(f"task {self.name} has no validation split; set `task.validation` to a fraction "
+                               "of the training rows (e.g. 0.1) or a validation file")
+        if isinstance(value, float):
+            return self._carve()[1]
+        if self._validation_data is None:
+            path = validation_file(self.config)
+            data = self.read_validation_file(path)
+            if len(data) == 0:
+                raise KDForgeError(f"validation file {path} holds no rows; fix `task.validation`")
+            self._validation_data = data
+        return self._validation_data
+
+    def _carve(self) -> tuple[Dataset, Dataset]:
+        """The sampled training rows split into (train, validation) by ``task.validation`` (a fraction)."""
+        if self._carved is None:
+            data = self._sampled("train")
+            labels = dataset_labels(data) if self.problem_type == "classification" else None
+            train, validation = carve_indices(len(data), float(self.config.validation), self.config.sample_seed,
+                                              labels)
+            self._carved = Subset(data, train.tolist()), Subset(data, validation.tolist())
+        return self._carved
+
+    def _sampled(self, split: str) -> Dataset:
         data = self.load_split(split)
         if len(data) == 0:
             raise KDForgeError(f"the {split!r} split of task {self.name} is empty; check `task.data_dir`")
@@ -114,10 +182,12 @@ class Task(ABC):
 
     def fingerprint(self) -> str:
         """Identifies the data and preprocessing (used to key caches). Settings added to TaskConfig
-        later (``corpus``) are left out while unset, so existing caches and teachers stay valid."""
+        later (``corpus``, ``validation``) are left out while unset, so existing caches and teachers stay
+        valid."""
         settings = self.config.model_dump(mode="json")
-        if settings.get("corpus") is None:
-            settings.pop("corpus", None)
+        for late in ("corpus", "validation"):
+            if settings.get(late) is None:
+                settings.pop(late, None)
         blob = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -126,7 +196,6 @@ TASKS: Registry[Callable[[TaskConfig], Task]] = Registry("task")
 
 
 def build_task(config: TaskConfig) -> Task:
-    # importing the modules fills the registry
-    from kdforge.tasks import language_model, text, vision  # noqa: F401
-
+    """The task ``config.name`` names. The registry is filled by the task modules, which the package
+    ``kdforge.tasks`` imports (so it is full whenever this module has been imported)."""
     return TASKS.get(config.name, "task.name")(config)

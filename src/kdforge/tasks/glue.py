@@ -26,6 +26,7 @@ class GlueTask(TextTask):
     file_labels: ClassVar[tuple[str, ...]] = ("0", "1")
     """Labels as written in the files, in label-id order (empty for regression)."""
     glue_label_names: ClassVar[tuple[str, ...]] = ()
+    validation_file_format = "a TSV laid out like the task's train.tsv"
     headerless_columns: ClassVar[tuple[str, ...] | None] = None
     """Column names of a file without a header line (CoLA)."""
 
@@ -42,6 +43,10 @@ class GlueTask(TextTask):
         if not path.is_file():
             raise KDForgeError(f"{path} not found; point `task.data_dir` at the GLUE {self.folder} folder "
                                "holding train.tsv and dev.tsv")
+        return self.read_file(path)
+
+    def read_file(self, path: Path) -> list[Example]:
+        """The examples of a TSV laid out like this task's GLUE files."""
         table = read_delimited(path, "\t", columns=self.headerless_columns)
         fix = f"point `task.data_dir` at the GLUE {self.folder} folder"
         a = table.column(self.text_a_column, fix)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from torch.utils.data import Dataset
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
 from kdforge.tasks.base import TASKS, ListDataset, Scores, Task
+from kdforge.tasks.passages import corpus_texts
 
 IGNORE = -100  # label of positions that predict nothing (padding)
 
@@ -73,6 +75,7 @@ class LanguageModelTask(Task):
     problem_type = "language_modeling"
     main_metric = "perplexity"
     greater_is_better = False
+    validation_file_format = "a text file, one passage per line"
 
     def __init__(self, config: TaskConfig):
         super().__init__(config)
@@ -82,8 +85,6 @@ class LanguageModelTask(Task):
         self._splits: dict[str, ListDataset] = {}
 
     def load_split(self, split: str) -> ListDataset:
-        from kdforge.tasks.corpus import corpus_texts
-
         if split not in ("train", self.eval_split):
             raise KDForgeError(f"task lm has no split {split!r}; use 'train' or {self.eval_split!r}")
         if split not in self._splits:
@@ -95,6 +96,15 @@ class LanguageModelTask(Task):
                                      else [], limit=0, files_key="task.dev_file")
             self._splits[split] = ListDataset([{"text_a": t, "text_b": None, "label": 0} for t in texts])
         return self._splits[split]
+
+    def read_validation_file(self, path: Path) -> ListDataset:
+        """Distinct non-blank lines of ``path``, one passage each (like ``corpus.files``)."""
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise KDForgeError(f"cannot read the validation file {path} ({err}); fix `task.validation`") from None
+        texts = dict.fromkeys(line.strip() for line in lines if line.strip())
+        return ListDataset([{"text_a": t, "text_b": None, "label": 0} for t in texts])
 
     def collator(self, tokenizer: Any = None, train: bool = False) -> Callable[[list[dict]], dict]:
         if tokenizer is None:

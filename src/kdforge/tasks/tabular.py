@@ -124,12 +124,16 @@ class FileTask(TextTask):
         del self._records[split]
         return [self.example(line, fields, path) for line, fields in rows]
 
+    def read_file(self, path: Path) -> list[Example]:
+        return [self.example(line, fields, path) for line, fields in self.read_records(path)]
+
 
 @TASKS.register("csv")
 class CsvTask(FileTask):
     """Rows of a CSV file with a header line (``.tsv`` files: tab separated, no quoting)."""
 
     file_kind = "csv"
+    validation_file_format = "a file like task.train_file (.csv, or .tsv: tab separated)"
 
     def read_records(self, path: Path) -> list[Record]:
         if path.suffix.lower() == ".tsv":
@@ -147,6 +151,7 @@ class JsonlTask(FileTask):
     """One JSON object per line, e.g. ``{"text": "...", "label": "pos"}``."""
 
     file_kind = "jsonl"
+    validation_file_format = "a JSON-lines file like task.train_file"
 
     def read_records(self, path: Path) -> list[Record]:
         return read_jsonl(path)

@@ -198,6 +198,13 @@ class TextTask(Task):
             self._splits[split] = ListDataset(self.read_split(split))
         return self._splits[split]
 
+    def read_validation_file(self, path: Path) -> ListDataset:
+        return ListDataset(self.read_file(path))
+
+    def read_file(self, path: Path) -> list[Example]:
+        """Read and validate the examples of a file in this task's training-file format."""
+        raise KDForgeError(f"task {self.name} cannot read a validation file; give `task.validation` as a fraction")
+
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Logits (N, C) are reduced by argmax (1-D classification predictions are taken as class
         ids); regression predictions may be (N,) or (N, 1)."""

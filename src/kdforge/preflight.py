@@ -1,0 +1,187 @@
+"""Checks run before a job touches the disk or trains: everything that can be known from the
+config, the environment and the models' config files (not their weights).
+
+``check_job`` refuses, in one line each: ``train.device: cuda`` without a GPU, an ``output_dir``
+or cache folder that is a file or not writable, bad objective settings (negative weights, schedule
+mistakes), a model that is missing, truncated or only on an unreachable hub, ``student.config``
+values of the wrong kind, and lengths (``task.max_length``, ``eval.latency_seq_len``...) beyond a
+model's position embeddings. Models are instantiated on the ``meta`` device only, so the check
+costs a config read, not a model load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdforge.config import JobConfig, StudentConfig
+from kdforge.errors import KDForgeError
+from kdforge.models.integrity import check_weight_files
+from kdforge.paths import cache_dir, check_writable_folder
+
+#: the task names whose data kdforge decodes into its cache folder
+_CACHED_DATA_TASKS = ("cifar10", "image_folder")
+
+
+def check_device(device: str, config_key: str = "train.device") -> None:
+    """``cuda`` must mean a GPU: refuse it when torch sees none instead of training on the CPU."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KDForgeError(f"`{config_key}` is cuda but no CUDA GPU is available (torch.cuda.is_available() is "
+                           f"False); set {config_key} to auto or cpu, or run on a machine with a GPU")
+
+
+def check_devices(config: JobConfig) -> None:
+    check_device(config.train.device)
+    for i, stage in enumerate(config.stages or []):
+        if "device" in stage.train:
+            check_device(config.stage_train(stage).device, f"stages.{i}.train.device")
+
+
+def check_folders(config: JobConfig, command: str) -> None:
+    """``output_dir`` and the cache folders the job will write to."""
+    check_writable_folder(config.output_dir, "output_dir")
+    if command != "distill":
+        return
+    if config.teacher_cache.enabled:
+        folder = config.teacher_cache.folder
+        check_writable_folder(Path(folder) if folder else cache_dir(), "teacher_cache.folder" if folder
+                              else "KDFORGE_CACHE")
+    if config.task.name in _CACHED_DATA_TASKS:
+        check_writable_folder(cache_dir(), "KDFORGE_CACHE")
+
+
+def check_objectives(config: JobConfig) -> None:
+    """Every term's parameters, weight (sign and schedule) without building any model."""
+    from kdforge.objectives.base import objective_params
+    from kdforge.objectives.composite import check_weight_sign
+    from kdforge.objectives.schedules import make_schedule
+
+    for s, stage in enumerate(config.all_stages()):
+        prefix = f"stages.{s}." if config.stages else ""
+        for i, term in enumerate(stage.objectives):
+            cls, _ = objective_params(term, i)
+            check_weight_sign(cls, term.name, term.weight, f"{prefix}objectives.{i}.weight")
+            make_schedule(term.weight, f"{prefix}objectives.{i}.weight")
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def _is_hf_spec(spec: str) -> bool:
+    from kdforge.models.loading import VISION_META
+
+    return not spec.startswith("vision:") and not (Path(spec) / VISION_META).is_file()
+
+
+def _hf_config(spec: str, config_key: str):
+    """The model's HF config (its weights checked for truncation on the way); None for a GGUF file."""
+    from transformers import AutoConfig
+
+    from kdforge.models.loading import gguf_file, resolve_model_source
+
+    check_weight_files(spec)
+    source = resolve_model_source(spec, config_key)
+    if Path(source).is_dir() and gguf_file(Path(source)):
+        return None
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise KDForgeError(f"cannot read the config of {spec!r} ({config_key}): {str(err).splitlines()[0]}; "
+                           "fix the model in the config") from None
+
+
+def _meta_model(hf_config, causal: bool):
+    """The model ``hf_config`` describes, on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(hf_config)
+
+
+def _lengths(config: JobConfig, command: str) -> list[tuple[str, int]]:
+    """The input lengths (config key, tokens) the job will feed its text models."""
+    found = [("task.max_length", config.task.max_length)]
+    if config.task.corpus is not None:
+        found.append(("task.corpus.max_length", config.task.corpus.max_length))
+    for i, stage in enumerate(config.stages or []):
+        if stage.corpus is not None:
+            found.append((f"stages.{i}.corpus.max_length", stage.corpus.max_length))
+    if command == "distill":
+        found.append(("eval.latency_seq_len", config.eval.latency_seq_len))
+    return found
+
+
+def _check_positions(model: Any, lengths: list[tuple[str, int]], what: str) -> None:
+    from kdforge.models.positions import check_max_length
+
+    for key, length in lengths:
+        check_max_length(model, length, key, what)
+
+
+def _check_built(hf_config, causal: bool, lengths: list[tuple[str, int]], what: str, config_key: str) -> None:
+    """Instantiate ``hf_config`` on the meta device; refuse invalid combinations and long inputs."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        model = _meta_model(hf_config, causal)
+    except (ValueError, TypeError, StrictDataclassError) as err:
+        raise KDForgeError(f"{config_key} is not a valid model: {str(err).strip().splitlines()[0]}") from None
+    _check_positions(model, lengths, what)
+
+
+def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: bool,
+                  lengths: list[tuple[str, int]]) -> None:
+    """A student or assistant: its own model, or the teacher's config with ``config`` overrides."""
+    from kdforge.models.student import override_config
+
+    if learner.model is not None:
+        if not _is_hf_spec(learner.model):
+            check_weight_files(learner.model)
+        else:
+            hf_config = _hf_config(learner.model, f"{prefix}.model")
+            if hf_config is not None:
+                _check_built(hf_config, causal, lengths, f"{prefix}.model {learner.model!r}", f"{prefix}.model")
+    elif learner.config is not None and teacher_config is not None:
+        merged = override_config(teacher_config, learner.config, f"{prefix}.config")
+        _check_built(merged, causal, lengths, f"the {prefix} ({prefix}.config)", f"{prefix}.config")
+
+
+def check_models(config: JobConfig, command: str) -> None:
+    """Teachers, student and assistants: found, intact, reachable, and long enough for the inputs."""
+    import kdforge.tasks  # noqa: F401  (fills the task registry)
+    from kdforge.tasks.base import TASKS
+
+    task_cls = TASKS.get(config.task.name, "task.name")
+    text = getattr(task_cls, "modality", "text") == "text"
+    causal = getattr(task_cls, "problem_type", None) == "language_modeling"
+    lengths = _lengths(config, command) if text else []
+    teachers = config.teacher_configs() if hasattr(config, "teacher_configs") else {"teacher": config.teacher}
+    first_config = None
+    for role, teacher in teachers.items():
+        key = "teacher.model" if role == "teacher" else f"teachers.{role}.model"
+        if not _is_hf_spec(teacher.model):
+            check_weight_files(teacher.model)
+            continue
+        hf_config = _hf_config(teacher.model, key)
+        if hf_config is not None:
+            first_config = first_config or hf_config
+            _check_built(hf_config, causal, lengths, f"{key} {teacher.model!r}", key)
+    if command != "distill":
+        return
+    learners = {"student": config.student} if config.student is not None else {}
+    learners.update({f"assistants.{name}": a for name, a in getattr(config, "assistants", {}).items()})
+    for prefix, learner in learners.items():
+        check_learner(learner, prefix, first_config, causal, lengths)
+
+
+def check_job(config: JobConfig, command: str = "distill") -> None:
+    """Everything ``kdforge distill`` (``command="distill"``, also the demo) or ``kdforge finetune``
+    (``"finetune"``) can refuse before it writes a file or trains a step; one KDForgeError line."""
+    check_devices(config)
+    check_folders(config, command)
+    if command == "distill":
+        check_objectives(config)
+    check_models(config, command)
