@@ -23,14 +23,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 Graph = dict[str, dict[str, list[int]]]
 """module -> {imported module: line numbers of the imports}"""
 
-#: import edges left out of the cycle check
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("kdforge.objectives.base", "kdforge.objectives"),  # being removed in the recipe-layer refactor
-    ("kdforge.objectives.ctkd", "kdforge.objectives"),  # being removed in the recipe-layer refactor
-}
-
-#: engine -> objectives/recipes edges tolerated for now (none left)
-KNOWN_ENGINE_EDGES: set[tuple[str, str]] = set()
 
 
 def module_files(src: Path, package: str) -> dict[str, tuple[Path, bool]]:
@@ -167,7 +159,7 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
 
 
 def test_no_import_cycles(graph):
-    cycles = find_cycles(graph, ignore=KNOWN_CYCLE_EDGES)
+    cycles = find_cycles(graph)
     assert not cycles, "import cycles (move the shared piece into a lower module):\n    " + "\n\n    ".join(
         describe(c, graph) for c in cycles)
 
@@ -175,11 +167,6 @@ def test_no_import_cycles(graph):
 def test_the_engine_knows_no_objective_or_recipe(graph):
     upward = {(m, t) for m, targets in graph.items() if m == "kdforge.engine" or m.startswith("kdforge.engine.")
               for t in targets if t.split(".")[:2] in (["kdforge", "objectives"], ["kdforge", "recipes"])}
-    bad = sorted(upward - KNOWN_ENGINE_EDGES)
+    bad = sorted(upward)
     assert not bad, "the engine imports objectives/recipes: " + "; ".join(
         f"{m} -> {t} (line {', '.join(map(str, graph[m][t]))})" for m, t in bad)
-
-
-def test_allow_lists_hold_only_edges_that_still_exist(graph):
-    stale = sorted(e for e in KNOWN_CYCLE_EDGES | KNOWN_ENGINE_EDGES if e[1] not in graph.get(e[0], {}))
-    assert not stale, f"delete these allow-list entries of tests/test_layers.py, the imports are gone: {stale}"

@@ -98,7 +98,7 @@ def test_weighted_loss_sums_weighted_terms_and_follows_schedules():
     s, t = Outputs(torch.tensor([[0.0, 0.0]])), Outputs(torch.tensor([[math.log(3.0), 0.0]]))
     batch = {"labels": torch.tensor([1])}
     ce, kd = math.log(2), 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    total, terms = loss(s, t, batch, Progress(step=5, total_steps=10))
+    total, terms = loss(s, {"teacher": t}, batch, Progress(step=5, total_steps=10))
     assert total.item() == pytest.approx(0.25 * ce + 0.5 * kd, rel=1e-6)
     assert terms == pytest.approx({"ce": ce, "hinton_kd": kd}, rel=1e-6)
 

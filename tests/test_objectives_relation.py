@@ -10,6 +10,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import Progress, build_objective
+from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.contrastive import info_nce
 from kdforge.objectives.relation import pool
 from tests.helpers import tiny_bert
@@ -192,8 +193,8 @@ def test_relation_runtime_errors_name_the_fix():
     assert relation(teacher_layers=[1])(outputs(s), cached_teacher, {}, P0).item() == pytest.approx(0.0)
     with pytest.raises(KDForgeError, match="teacher_cache.hidden_states"):
         relation(teacher_layers=[0])(outputs(s), cached_teacher, {}, P0)
-    with pytest.raises(KDForgeError, match="needs a teacher"):
-        relation()(outputs(s), None, {}, P0)
+    with pytest.raises(KDForgeError, match="has no teacher"):  # caught when the loss is bound to its roles
+        WeightedLoss.from_config([ObjectiveConfig(name="relation")], teachers=[])
     with pytest.raises(KDForgeError, match="student_paths"):
         relation()(Outputs(torch.zeros(1, 2)), outputs(t), {}, P0)
     term = relation(over="layers", student_layers=[0, 1], teacher_layers=[0, 1])

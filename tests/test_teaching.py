@@ -84,7 +84,7 @@ class Killed(Exception):
 @pytest.mark.parametrize("strategy", list(STRATEGY_JOBS))
 def test_every_strategy_runs_and_resumes_exactly_after_a_kill(tmp_path, digit_teachers, strategy):
     tree = lambda name: validate_config(digits_job(tmp_path, name, **STRATEGY_JOBS[strategy](digit_teachers)))  # noqa: E731
-    reference = jobs.run_distill(tree("ref"))
+    reference = kdforge.distill(tree("ref"))  # the Python API
     assert reference.student.metrics["accuracy"] > 0.3  # learnt something in 2 short epochs (10 classes)
     calls = {"n": 0}
 
@@ -108,8 +108,13 @@ def test_every_strategy_runs_and_resumes_exactly_after_a_kill(tmp_path, digit_te
         assert set(metrics["other_roles"]) == {"r8b", "cnn"}
 
 
-def test_camkd_feature_term_starts_in_the_second_epoch(tmp_path, digit_teachers):
-    jobs.run_distill(validate_config(digits_job(tmp_path, "camkd", **STRATEGY_JOBS["camkd"](digit_teachers))))
+def test_three_vision_teachers_from_the_command_line(tmp_path, digit_teachers):
+    """CA-MKD with three teachers from a YAML file; its intermediate term starts in the second epoch."""
+    from kdforge.cli import main
+
+    path = tmp_path / "camkd.yaml"
+    path.write_text(yaml.safe_dump(digits_job(tmp_path, "camkd", **STRATEGY_JOBS["camkd"](digit_teachers))))
+    assert main(["distill", str(path)]) == 0
     history = json.loads((tmp_path / "camkd/metrics.json").read_text())["history"]
     assert len(history) == 2 and history[1]["loss"] > history[0]["loss"]  # + 50 x the intermediate term
 

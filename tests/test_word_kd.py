@@ -11,6 +11,7 @@ from kdforge.config import ObjectiveConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import Progress, build_objective
+from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.word_kd import WordKD, word_kd_loss
 
 P0 = Progress(step=0, total_steps=10)
@@ -192,8 +193,8 @@ def test_shape_errors_name_the_fix():
     with pytest.raises(KDForgeError, match="attention_mask"):
         objective(Outputs(torch.zeros(2, 3, 4)), Outputs(torch.zeros(2, 3, 4)),
                   {"attention_mask": torch.ones(2, 5)}, P0)
-    with pytest.raises(KDForgeError, match="teacher"):
-        objective(Outputs(torch.zeros(2, 3, 4)), None, {}, P0)
+    with pytest.raises(KDForgeError, match="has no teacher"):  # caught when the loss is bound to its roles
+        WeightedLoss.from_config([ObjectiveConfig(name="word_kd")], teachers=[])
 
 
 @pytest.mark.parametrize("params", [{"temperature": 0}, {"temperature": -1.0}, {"reduction": "mean"},

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import resources
 
@@ -15,11 +16,46 @@ from kdforge.errors import KDForgeError
 log = logging.getLogger("kdforge")
 
 
+def launch_rank() -> int:
+    """This process's rank in a multi-process launch (``torchrun``, ``accelerate launch``, MPI), 0
+    otherwise. Read from the launcher's environment, so asking sets up no process group."""
+    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+class MainProcessOnly(logging.Filter):
+    """Drops records on every process but the main one: with several processes each line is logged
+    once (the engine makes every process compute the same numbers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return launch_rank() == 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not the stream of
+    the moment it was made, which a caller may have replaced and closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[kdforge] %(message)s"))
+        handler.addFilter(MainProcessOnly())
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -56,7 +92,6 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from kdforge import jobs
     from kdforge.config import load_config
-    from kdforge.preflight import check_job
 
     if args.command == "list":
         from kdforge.models.vision_nets import VISION_NETS
@@ -73,11 +108,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         config = load_config(demo_config_path(), args.overrides)
-        check_job(config, "distill")  # refuse what can be refused before any file is written
         result = jobs.run_distill(config, resume=args.resume, overwrite=not args.resume)
     else:
         config = load_config(args.target, args.overrides)
-        check_job(config, "finetune" if args.command == "finetune" else "distill")
         if args.command == "finetune":
             jobs.run_finetune(config, resume=args.resume)
             print(f"fine-tuned teacher written to {config.output_dir}/teacher/model")

@@ -9,9 +9,24 @@ Run folder layout (``output_dir``)::
     student/             exported student (save_pretrained + tokenizer; an SPS student unrolled)
     student-compact/     an SPS student's compact shared form (only for student.sps)
     stages/              per finished stage of a multi-stage recipe: history and learner snapshot
-    metrics.json         teacher and student reports + comparison (+ the other roles' scores)
+    metrics.json         teacher and student reports + comparison (+ the other roles' scores); written
+                         last: its presence marks a finished run
     report.md/.html      the same as a document, with the reliability diagram
     tensorboard/         scalars of every stage
+    checkpoints/<stage>/ while the run is not finished (kept after it with train.keep_checkpoint)
+    .previous-run/       during an ``--overwrite`` run: the finished run it replaces
+
+Never losing a finished run:
+
+* ``--resume`` on a finished run (``metrics.json`` present) says so, returns its results and
+  changes nothing.
+* ``--overwrite`` validates the new config first, then moves the finished run's results into
+  ``.previous-run/``; they are deleted only once the new run has written its ``metrics.json`` and
+  report. When the new run stops with an error, they are moved back (and the new run's partial
+  files removed): the folder is as it was. When it is interrupted (Ctrl-C, a kill), they stay in
+  ``.previous-run/`` while ``--resume`` continues the new run.
+* Checkpoints are deleted only after the outputs are written, so a run killed between training and
+  export resumes without training again.
 """
 
 from __future__ import annotations
@@ -27,7 +42,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from kdforge.cli import MainProcessOnly, launch_rank
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, ObjectiveConfig, TeacherConfig, dump_config, load_config
+from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
 from kdforge.evaluation.evaluate import evaluate_model
@@ -38,9 +55,10 @@ from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.preflight import check_job
 from kdforge.recipes.catalog import check_stages
 from kdforge.recipes.offline import OfflineStep
-from kdforge.recipes.stage import run_stages, train_model
+from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
 from kdforge.tasks.base import Task, build_task
 from kdforge.tasks.corpus import corpus_texts
 
@@ -62,6 +80,7 @@ def log_file(run_dir: Path) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(str((run_dir / "train.log").resolve()))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(MainProcessOnly())  # with several processes, one line each
     log.addHandler(handler)
     try:
         yield
@@ -120,6 +139,7 @@ def finetune_teacher(config: JobConfig, task: Task, role: str, resume: bool = Fa
         export_model(teacher, out / "model")
         atomic_write_json(out / "finetune.json", {"fingerprint": teacher_fingerprint(config, task, role),
                                                   "history": trainer.state.history})
+    trainer.remove_checkpoints()  # only now: a kill before finetune.json resumes without training again
     return teacher
 
 
@@ -146,6 +166,7 @@ def run_finetune(config: JobConfig, resume: bool = False) -> LoadedModel:
     tuned = [role for role, spec in config.teacher_configs().items() if spec.finetune is not None]
     if not tuned:
         raise KDForgeError("teacher.finetune is not set; add `teacher: {finetune: {epochs: 3}}` to fine-tune")
+    check_job(config, "finetune")
     task = build_task(config.task)
     with log_file(Path(config.output_dir)):
         models = {role: finetune_teacher(config, task, role, resume) for role in tuned}
@@ -181,36 +202,138 @@ def load_models(config: JobConfig, task: Task, resume: bool = False) -> dict[str
 # ---------------------------------------------------------------------------- distill
 
 
+#: a finished run's results: what ``--overwrite`` replaces (moved into PREVIOUS_RUN until the new ones exist)
+RESULTS = ("config.yaml", "student", "student-compact", "report.md", "report.html", "reliability.png", "stages",
+           "checkpoints", "metrics.json")
+PREVIOUS_RUN = ".previous-run"
+
+
 def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path:
+    """The run folder. A finished run in it is refused unless ``overwrite``; then its results are moved
+    into ``.previous-run/`` (not deleted), until :func:`finish_run` (or back by :func:`restore_previous_run`)."""
     run_dir = Path(config.output_dir)
+    main = launch_rank() == 0
+    if main:
+        _undo_set_aside(run_dir)
     if (run_dir / "metrics.json").exists() and not resume:
         if not overwrite:
             raise KDForgeError(f"{run_dir} already holds a finished run; pass --overwrite to replace it "
                                "or choose another folder with --set output_dir=...")
-        for name in ("student", "metrics.json", "report.md", "report.html", "reliability.png", "checkpoints",
-                     "stages"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        if main:
+            _set_aside(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
+def _set_aside(run_dir: Path) -> None:
+    """Move the finished run's results into ``.previous-run/`` (through a staging folder: a kill in the
+    middle is undone by :func:`_undo_set_aside` at the next start)."""
+    aside, staging = run_dir / PREVIOUS_RUN, run_dir / f"{PREVIOUS_RUN}.tmp"
+    if aside.exists():
+        shutil.rmtree(aside)  # an older run than the finished one in run_dir (a kill just after a run finished)
+    staging.mkdir()
+    for name in RESULTS:  # metrics.json last: while it is in run_dir, run_dir holds the finished run
+        if (run_dir / name).exists():
+            (run_dir / name).rename(staging / name)
+    staging.rename(aside)
+    log.info("the finished run in %s is kept in %s until this run has written its results", run_dir, aside)
+
+
+def _undo_set_aside(run_dir: Path) -> None:
+    staging = run_dir / f"{PREVIOUS_RUN}.tmp"
+    if staging.is_dir():
+        for item in staging.iterdir():
+            if not (run_dir / item.name).exists():
+                item.rename(run_dir / item.name)
+        shutil.rmtree(staging)
+
+
+def restore_previous_run(run_dir: Path) -> bool:
+    """After a failed ``--overwrite`` run: delete its partial results and move the finished run back
+    from ``.previous-run/``. Nothing is done (False) when there is none, or when the new run has
+    written its ``metrics.json`` (then it is the finished run)."""
+    aside = run_dir / PREVIOUS_RUN
+    if not aside.is_dir() or (run_dir / "metrics.json").exists():
+        return False
+    for name in RESULTS:
+        target = run_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    for name in RESULTS:  # metrics.json last
+        if (aside / name).exists():
+            (aside / name).rename(run_dir / name)
+    shutil.rmtree(aside)
+    log.info("this run failed: the finished run it was to replace is moved back into %s", run_dir)
+    return True
+
+
+def finish_run(config: JobConfig, run_dir: Path) -> None:
+    """Once the run's outputs are written: delete every stage's checkpoints (unless its
+    ``train.keep_checkpoint``) and the finished run that this one replaced."""
+    for root, keep in checkpoint_roots(config, run_dir):
+        if not keep:
+            ckpt.remove_checkpoints(root)
+    shutil.rmtree(run_dir / PREVIOUS_RUN, ignore_errors=True)
+
+
+def finished_result(config: JobConfig, run_dir: Path) -> RunResult | None:
+    """The results of the finished run in ``run_dir`` (read from its ``metrics.json``), or None."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    fix = f"run `kdforge eval {run_dir}` to write it again, or distill again with --overwrite"
+    saved = read_json(path, fix)
+    try:
+        teacher, student = ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"])
+    except (KeyError, TypeError):
+        raise KDForgeError(f"{path} does not hold kdforge's teacher and student reports; {fix}") from None
+    splits = {key: saved.get(key) for key in ("selected_on", "reported_on")}
+    return RunResult(run_dir, teacher, student, format_table(teacher, student, **splits))
+
+
 def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
     """The whole job: teachers (fine-tuned if asked), student and assistants, every stage, export,
-    report. ``resume`` skips finished stages and resumes the interrupted one."""
+    report. ``resume`` skips finished stages and resumes the interrupted one; on a finished run it
+    changes nothing and returns its results. See the module docstring for ``overwrite``."""
     if config.student is None:
         raise KDForgeError("the config has no `student` section; add e.g. `student: {layers: [0, 5]}`")
-    check_stages(config)  # bad strategies, roles or objective settings fail before any training
+    main = launch_rank() == 0
+    run_dir = Path(config.output_dir)
+    if resume and (done := finished_result(config, run_dir)) is not None:
+        log.info("%s holds a finished run (metrics.json): nothing to resume, nothing changed (distill with "
+                 "--overwrite to run it again)", run_dir)
+        if main and ((run_dir / PREVIOUS_RUN).exists() or any(
+                root.exists() and not keep for root, keep in checkpoint_roots(config, run_dir))):
+            finish_run(config, run_dir)  # a kill came after the results were written, before the clean-up
+        return done if main else None  # type: ignore[return-value]
+    check_job(config, "distill")  # devices, folders, models, lengths: refused before any file is written
+    check_stages(config)  # bad strategies, roles or objective settings too
     run_dir = prepare_output_dir(config, resume, overwrite)
     with log_file(run_dir):
-        atomic_write_text(run_dir / "config.yaml", dump_config(config))
-        task = build_task(config.task)
-        models = load_models(config, task, resume)
-        history = run_stages(config, task, models, run_dir, resume, callbacks)
-        if not PartialState().is_main_process:
-            return None  # type: ignore[return-value]
-        export_model(models[STUDENT], run_dir / "student")
-        return report_run(config, task, models, run_dir, history)
+        try:
+            if main:
+                atomic_write_text(run_dir / "config.yaml", dump_config(config))
+            task = build_task(config.task)
+            models = load_models(config, task, resume)
+            history = run_stages(config, task, models, run_dir, resume, callbacks)
+            if not PartialState().is_main_process:
+                return None  # type: ignore[return-value]
+            export_model(models[STUDENT], run_dir / "student")
+            result = report_run(config, task, models, run_dir, history)
+            finish_run(config, run_dir)
+            return result
+        except Exception:
+            if main:
+                restore_previous_run(run_dir)
+            raise
+        except BaseException:  # interrupted: --resume continues this run
+            if main and (run_dir / PREVIOUS_RUN).is_dir():
+                log.info("interrupted: the finished run this one replaces stays in %s until this run completes "
+                         "(--resume); move its files back into %s to return to it", run_dir / PREVIOUS_RUN,
+                         run_dir)
+            raise
 
 
 def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], run_dir: Path,
@@ -230,12 +353,13 @@ def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
     splits = {"selected_on": task.describe_split(task.selection_split),
               "reported_on": task.describe_split(task.eval_split)}
     table = format_table(*reports, **splits)
+    write_report(run_dir, *reports, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
+                 history=history, **splits)
+    # last: a run folder with metrics.json holds a finished run (see run_distill)
     atomic_write_json(run_dir / "metrics.json", {"task": task.name, "teacher": reports[0].to_dict(),
                                                  "student": reports[1].to_dict(),
                                                  "comparison": comparison_summary(*reports),
                                                  "other_roles": others, **splits, "history": history or []})
-    write_report(run_dir, *reports, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
-                 history=history, **splits)
     log.info("results in %s", run_dir)
     return RunResult(run_dir, reports[0], reports[1], table)
 

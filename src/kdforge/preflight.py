@@ -158,7 +158,7 @@ def check_models(config: JobConfig, command: str) -> None:
     text = getattr(task_cls, "modality", "text") == "text"
     causal = getattr(task_cls, "problem_type", None) == "language_modeling"
     lengths = _lengths(config, command) if text else []
-    teachers = config.teacher_configs() if hasattr(config, "teacher_configs") else {"teacher": config.teacher}
+    teachers = config.teacher_configs()
     first_config = None
     for role, teacher in teachers.items():
         key = "teacher.model" if role == "teacher" else f"teachers.{role}.model"
@@ -172,7 +172,7 @@ def check_models(config: JobConfig, command: str) -> None:
     if command != "distill":
         return
     learners = {"student": config.student} if config.student is not None else {}
-    learners.update({f"assistants.{name}": a for name, a in getattr(config, "assistants", {}).items()})
+    learners.update({f"assistants.{name}": a for name, a in config.assistants.items()})
     for prefix, learner in learners.items():
         check_learner(learner, prefix, first_config, causal, lengths)
 

@@ -16,6 +16,7 @@ but tensors and plain values (a pickle whose loading would run code) is refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -101,6 +102,17 @@ def publish_checkpoint(folder: Path) -> None:
             shutil.rmtree(previous)
         folder.rename(previous)
     staging.rename(folder)
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Delete a trainer's checkpoints (``checkpoints/<desc>``: ``last``, ``previous``, the best epoch's
+    weights), and ``checkpoints/`` when nothing else is left in it. The trainer never calls this:
+    the job that owns the run does, once the run's outputs are written, so that a run killed before
+    that still has its checkpoints (and ``--resume`` trains nothing again)."""
+    root = Path(root)
+    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty (another stage's checkpoints), or gone already
+        root.parent.rmdir()
 
 
 @contextmanager

@@ -8,6 +8,19 @@ Built on HF Accelerate (devices, DDP with gloo on CPU / nccl on GPU via ``accele
 and decay, gradient accumulation, evaluation each epoch with the best epoch kept, atomic
 checkpoints with exact ``resume``, progress bars (or log lines when output is not a terminal)
 and TensorBoard scalars.
+
+Reliability rules:
+
+* A non-finite loss stops training at the micro-batch where it appears, before its backward pass,
+  with one :class:`KDForgeError` line (step, loss terms, likely causes); no checkpoint is written
+  after it, and weights are checked to be finite before every checkpoint, so ``checkpoints/<desc>/last``
+  stays the last good state and ``resume`` starts from it.
+* A checkpoint is written when training ends, so ``fit(resume=True)`` on a finished run restores
+  it and returns without an optimizer step. ``fit`` never deletes its checkpoints: the job that
+  owns the run calls :meth:`Trainer.remove_checkpoints` (or :func:`kdforge.engine.checkpoint.remove_checkpoints`)
+  once the run's outputs (export, metrics, report) are written.
+* With several processes, only the main process evaluates (the whole split) and sends its scores
+  to the others: every process logs, compares and keeps the same number and the same best epoch.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -108,6 +122,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints" / desc
         self.ckpt_dir = self.ckpt_root / "last"
         self.best_path = self.ckpt_root / "best-student.pt"
+        self.checkpoint_step: int | None = None  # the step of the newest checkpoint written or restored
 
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -144,6 +159,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         acc = self.accelerator
+        self._check_finite_weights()
         staging = ckpt.staging_dir(self.ckpt_dir)
         if self.is_main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -159,6 +175,14 @@ class Trainer:
             ckpt.finish(staging, self.world, vars(self.state))  # counters and history as JSON
             ckpt.publish_checkpoint(self.ckpt_dir)  # the replaced checkpoint is kept as `previous`
         acc.wait_for_everyone()
+        self.checkpoint_step = self.state.step
+
+    def remove_checkpoints(self) -> None:
+        """Delete this trainer's checkpoints (``checkpoints/<desc>``), unless ``train.keep_checkpoint``;
+        for the owner of the run to call once its outputs are complete (``fit`` keeps them)."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main and not self.config.keep_checkpoint:
+            ckpt.remove_checkpoints(self.ckpt_root)
 
     def load_checkpoint(self) -> bool:
         # `last`, or `previous` when a file of `last` is truncated or corrupt (reported)
@@ -172,6 +196,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved.state["optimizer"])
         self.scheduler.load_state_dict(saved.state["scheduler"])
         self.state = TrainState(**saved.trainer)
+        self.checkpoint_step = self.state.step
         ckpt.set_rng_state(saved.rng)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", saved.folder, self.state.step,
                  self.state.epoch + 1, self.state.batches_done)
@@ -180,11 +205,14 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _end_epoch(self) -> None:
         s = self.state
-        entry: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step,
-                                 "loss": s.loss_sum / max(1, s.loss_count)}
+        loss_sum, loss_count = s.loss_sum, s.loss_count
+        if self.world > 1:  # the mean over every process's micro-batches: the same history everywhere
+            totals = self.accelerator.reduce(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
+                                                          device=self.accelerator.device), "sum")
+            loss_sum, loss_count = float(totals[0]), int(totals[1])
+        entry: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(1, loss_count)}
         if self.evaluate is not None:
-            metrics = self.evaluate(self.unwrapped.learner)
-            self.model.train()
+            metrics = self._evaluate()
             entry.update(metrics)
             self._tensorboard("eval", metrics)
             value = metrics.get(self.main_metric) if self.main_metric else None
@@ -200,6 +228,54 @@ class Trainer:
         s.epoch += 1
         s.batches_done, s.loss_sum, s.loss_count = 0, 0.0, 0
 
+    def _evaluate(self) -> dict[str, float]:
+        """The learner's scores on the whole evaluation split, computed by the main process and sent
+        to the others, so that every process keeps the same number and picks the same best epoch."""
+        metrics = self.evaluate(self.unwrapped.learner) if self.is_main or self.world == 1 else None
+        self.model.train()
+        if self.world > 1:
+            metrics = broadcast_object_list([metrics], from_process=0)[0]
+        return metrics
+
+    # ------------------------------------------------------------------ non-finite values
+    def _check_finite_loss(self, loss: torch.Tensor, terms: dict[str, Any], micro_batch: int,
+                           n_batches: int) -> None:
+        """Stop at the first non-finite loss (on any process), before its backward pass and before any
+        checkpoint of the state it would produce."""
+        finite = torch.isfinite(loss.detach()).all()
+        if self.world > 1:  # every process stops at the same micro-batch
+            flags = self.accelerator.gather(finite.float().reshape(1).to(self.accelerator.device))
+            bad_ranks = [r for r, ok in enumerate(flags.tolist()) if not ok]
+        else:
+            bad_ranks = [] if finite else [self.rank]
+        if not bad_ranks:
+            return
+        s = self.state
+        where = f" on process {bad_ranks[0]}" if self.world > 1 else ""
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, int | float) else f"{k} {v}" for k, v in terms.items())
+        if self.rank not in bad_ranks:
+            shown = f"finite here, non-finite on process {bad_ranks[0]}"
+        kept = (f"the last good checkpoint, {self.ckpt_dir} (step {self.checkpoint_step}), is kept and --resume "
+                "starts from it") if self.checkpoint_step is not None else "no checkpoint was written before it"
+        raise KDForgeError(
+            f"non-finite training loss ({float(loss.detach().float()):.4g}) at optimizer step {s.step + 1} "
+            f"(epoch {s.epoch + 1}, micro-batch {micro_batch} of {n_batches}){where} in {self.desc}; loss terms: "
+            f"{shown or 'none reported'}; likely causes: a learning rate too high (train.lr {self.config.lr:g}), "
+            "a temperature too small or a loss weight (or weight schedule) too large in `objectives`, or "
+            f"non-finite input values; {kept}")
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to checkpoint non-finite weights (a finite loss can still give an infinite update)."""
+        bad = [k for k, v in self.unwrapped.checkpoint_state().items()
+               if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+        if bad:
+            kept = f"{self.ckpt_dir} (step {self.checkpoint_step})" if self.checkpoint_step is not None else "none"
+            raise KDForgeError(
+                f"non-finite weights after optimizer step {self.state.step} in {self.desc} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}) although the loss was finite: an exploding update; likely "
+                "causes: a learning rate too high (train.lr) or no gradient clipping (train.max_grad_norm); "
+                f"not checkpointed: the last good checkpoint is {kept}")
+
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> TrainState:
         cfg, acc = self.config, self.accelerator
@@ -211,29 +287,34 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / self.desc))
         interactive = sys.stderr.isatty()
-        log.info("%s: %d optimizer steps (%d per epoch), device %s, processes: %d", self.desc, self.total_steps,
-                 self.steps_per_epoch, self.accelerator.device, self.world)
+        if self.finished:
+            log.info("%s: trained to step %d of %d already (checkpoint %s): nothing left to train", self.desc,
+                     self.state.step, self.total_steps, self.ckpt_dir)
+        else:
+            log.info("%s: %d optimizer steps (%d per epoch), device %s, processes: %d", self.desc,
+                     self.total_steps, self.steps_per_epoch, self.accelerator.device, self.world)
         self._started, self._start_step = time.monotonic(), self.state.step
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.desc, unit="step",
                    disable=not (self.is_main and interactive), dynamic_ncols=True)
         self.model.train()
         try:
-            while self.state.epoch < cfg.epochs and self.state.step < self.total_steps:
+            while not self.finished:
                 self._run_epoch(bar, interactive)
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+        acc.wait_for_everyone()  # the main process has written best-student.pt
         if cfg.select_best and self.state.best_epoch is not None and self.best_path.is_file():
             self.unwrapped.learner.load_state_dict(ckpt.load(self.best_path))
             log.info("%s: kept epoch %d (best %s %.4f)", self.desc, self.state.best_epoch, self.main_metric,
                      self.state.best_metric)
         acc.wait_for_everyone()
-        if self.is_main and not cfg.keep_checkpoint:
-            shutil.rmtree(self.ckpt_root, ignore_errors=True)
-            if self.ckpt_root.parent.is_dir() and not any(self.ckpt_root.parent.iterdir()):
-                self.ckpt_root.parent.rmdir()
         return self.state
+
+    @property
+    def finished(self) -> bool:
+        return self.state.epoch >= self.config.epochs or self.state.step >= self.total_steps
 
     def _loader(self) -> DataLoader:
         cfg, s = self.config, self.state
@@ -253,6 +334,7 @@ class Trainer:
             context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with context, acc.autocast():
                 loss, terms = self.model(batch, self.progress())
+                self._check_finite_loss(loss, terms, s.batches_done, n_batches)
                 acc.backward(loss / cfg.grad_accum)
             loss = loss.detach()
             s.loss_sum += float(loss)
@@ -280,8 +362,8 @@ class Trainer:
             end_of_epoch = s.batches_done == n_batches
             if end_of_epoch or s.step >= self.total_steps:
                 self._end_epoch()
-            if (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0) or end_of_epoch:
-                self.save_checkpoint()
+            if (cfg.checkpoint_every and s.step % cfg.checkpoint_every == 0) or end_of_epoch or self.finished:
+                self.save_checkpoint()  # also when training ends: a resumed finished run trains no step
             for callback in self.callbacks:
                 callback(self)
             if s.step >= self.total_steps:

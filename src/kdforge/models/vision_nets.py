@@ -179,7 +179,8 @@ class SmallCNN(_Classifier):
         _init_weights(self)
 
 
-for _name, _depth in {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}.items():
+_CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+for _name, _depth in _CIFAR_DEPTHS.items():
     VISION_NETS.register(_name)(partial(CifarResNet, _depth))
 for _name, _depth in {"resnet8x4": 8, "resnet32x4": 32}.items():
     VISION_NETS.register(_name)(partial(CifarResNet, _depth, channels=(64, 128, 256), stem_channels=32))

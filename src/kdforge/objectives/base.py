@@ -98,9 +98,8 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
 
 def objective_params(config: ObjectiveConfig, index: int = 0) -> tuple[type[Objective], BaseModel]:
-    """The registered class of ``config`` and its validated parameters (nothing is built)."""
-    import kdforge.objectives  # noqa: F401  (importing the package fills the registry)
-
+    """The registered class of ``config`` and its validated parameters (nothing is built). The
+    registry is full: importing this module ran ``kdforge/objectives/__init__.py`` first."""
     cls = OBJECTIVES.get(config.name, f"objectives.{index}.name")
     check_finite(config.params, f"objective {config.name!r}", ("objectives", index), free_form=True)
     try:

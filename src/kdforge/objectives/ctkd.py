@@ -124,9 +124,7 @@ class CTKDParams(BaseModel):
     @field_validator("base")
     @classmethod
     def _base_is_a_logit_objective(cls, name: str) -> str:
-        import kdforge.objectives  # noqa: F401  (fills the registry)
-
-        if name not in OBJECTIVES:
+        if name not in OBJECTIVES:  # filled: importing any objectives module runs the package's __init__ first
             raise ValueError(f"unknown objective {name!r}; known logit objectives: {', '.join(_logit_names())}")
         if not issubclass(OBJECTIVES.get(name), LogitObjective):
             raise ValueError(f"objective {name!r} is not a logit objective CTKD can drive with a learned "

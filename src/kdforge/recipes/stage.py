@@ -1,8 +1,10 @@
 """The stage runner: assembles one stage from its parts (data source, roles, strategy) and hands
 the strategy's TrainStep to the engine. Stages run in order; each finished stage of a multi-stage
-recipe leaves ``stages/<name>.json`` (its history) and a snapshot of its learner, so ``--resume``
-skips it, and each stage starts from its own seed, so it trains the same whether earlier stages
-ran now or were restored."""
+recipe but the last leaves ``stages/<name>.json`` (its history) and a snapshot of its learner, so
+``--resume`` skips it, and each stage starts from its own seed, so it trains the same whether earlier
+stages ran now or were restored. The last stage's learner is the run's result: a resume after it
+finished restores it from the stage's final checkpoint (the trainer keeps every stage's
+checkpoints; the job deletes them once the run's outputs are written) and trains no step."""
 
 from __future__ import annotations
 
@@ -116,9 +118,17 @@ def restore_snapshot(model: LoadedModel, path: Path) -> None:
     model.model.load_state_dict(snapshot["state"])
 
 
+def checkpoint_roots(config: JobConfig, run_dir: Path) -> list[tuple[Path, bool]]:
+    """Every stage's checkpoint folder (``checkpoints/<stage>``) and whether its ``train.keep_checkpoint``
+    keeps it after the run."""
+    return [(Path(run_dir) / "checkpoints" / stage.name, config.stage_train(stage).keep_checkpoint)
+            for stage in config.all_stages()]
+
+
 def run_stages(config: JobConfig, task: Task, models: dict[str, LoadedModel], run_dir: Path, resume: bool,
                callbacks=()) -> list[dict]:
-    """Every stage in order (finished ones skipped on resume); returns the joined history."""
+    """Every stage in order (finished ones skipped on resume); returns the joined history. Checkpoints
+    are left in place (see :func:`checkpoint_roots`)."""
     stages = config.all_stages()
     history: list[dict] = []
     for index, stage in enumerate(stages):
@@ -133,9 +143,8 @@ def run_stages(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
         else:
             trainer = run_stage(config, index, task, models, run_dir, resume, callbacks)
             stage_history = trainer.state.history
-            if len(stages) > 1 and trainer.accelerator.is_main_process:
-                if stage is not stages[-1]:
-                    save_snapshot(learner, snapshot)
+            if stage is not stages[-1] and trainer.accelerator.is_main_process:
+                save_snapshot(learner, snapshot)  # the snapshot first: the marker says both are complete
                 atomic_write_json(marker, {"history": stage_history})
         history += [{"stage": stage.name, **h} if len(stages) > 1 else h for h in stage_history]
     return history
