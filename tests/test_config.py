@@ -67,7 +67,7 @@ def test_example_configs_are_valid():
     root = Path(__file__).parents[1]
     paths = sorted((root / "configs").rglob("*.yaml")) + [root / "src/kdforge/configs/demo.yaml"]
     assert len(paths) >= 7
-    from kdforge.objectives.composite import WeightedLoss
+    from kdforge.recipes.catalog import check_stages
 
     for path in paths:
-        WeightedLoss.from_config(load_config(path).objectives)  # objective parameters are valid too
+        check_stages(load_config(path))  # strategies, roles and objective parameters are valid too

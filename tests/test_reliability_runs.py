@@ -234,7 +234,7 @@ class Regression(TrainStep):
         self.forwards += 1
         mse = ((self.learner(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
         weight = float("nan") if self.nan_at is not None and self.forwards >= self.nan_at else 1.0
-        return weight * mse, {"mse": float(mse), "weight": weight}
+        return weight * mse, {"mse": float(mse.detach()), "weight": weight}
 
 
 def regression_rows(n: int = 64) -> list[dict]:

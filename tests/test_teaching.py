@@ -221,3 +221,24 @@ def test_a_loop_of_runs_writes_each_run_into_its_own_log(tmp_path, job_tree):
     first = (tmp_path / "first/train.log").read_text()
     assert str(tmp_path / "first") in first and str(tmp_path / "second") not in first
     assert not any(getattr(h, "baseFilename", "").endswith("train.log") for h in logging.getLogger("kdforge").handlers)
+
+
+def test_hinton_kd_reduction_mean_is_kldivloss_default():
+    """TAKD's hyper-parameters were tuned with nn.KLDivLoss() (mean over N x C elements) times T^2."""
+    from kdforge.objectives.base import build_objective
+
+    torch.manual_seed(1)
+    s, t = torch.randn(5, 7), torch.randn(5, 7)
+    term = build_objective(ObjectiveConfig(name="hinton_kd", temperature=3.0, reduction="mean"))
+    reference = torch.nn.KLDivLoss()(torch.log_softmax(s / 3, -1), torch.softmax(t / 3, -1)) * 9
+    assert term(Outputs(s), Outputs(t), {}, Progress()).item() == pytest.approx(reference.item(), rel=1e-6)
+    batchmean = build_objective(ObjectiveConfig(name="hinton_kd", temperature=3.0))
+    assert batchmean(Outputs(s), Outputs(t), {}, Progress()).item() == pytest.approx(7 * reference.item(), rel=1e-6)
+
+
+def test_kdforge_list_names_the_strategies(capsys):
+    from kdforge.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "strategies: assistant_ensemble, ces_kd, multi_teacher, offline" in out and "stage data: corpus" in out

@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     dist.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     dist.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
     add("eval", "evaluate teacher and student of a run (a run folder or its config)", "CONFIG|RUN_DIR")
-    sub.add_parser("list", help="registered tasks, objectives and vision nets")
+    sub.add_parser("list", help="registered tasks, objectives, strategies and vision nets")
     return p
 
 
@@ -95,12 +95,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "list":
         from kdforge.models.vision_nets import VISION_NETS
-        from kdforge.objectives import logit  # noqa: F401
-        from kdforge.objectives.base import OBJECTIVES, build_objective  # noqa: F401
-        from kdforge.tasks import language_model, text, vision  # noqa: F401
+        from kdforge.objectives.base import OBJECTIVES
+        from kdforge.recipes.base import DATA_SOURCES, STRATEGIES
+        from kdforge.recipes.catalog import check_stages  # noqa: F401  (fills the recipe registries)
         from kdforge.tasks.base import TASKS
 
-        for title, reg in (("tasks", TASKS), ("objectives", OBJECTIVES), ("vision nets", VISION_NETS)):
+        for title, reg in (("tasks", TASKS), ("objectives", OBJECTIVES), ("strategies", STRATEGIES),
+                           ("stage data", DATA_SOURCES), ("vision nets", VISION_NETS)):
             print(f"{title}: {', '.join(reg.names())}")
         return 0
     if args.command == "eval":
