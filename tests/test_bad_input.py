@@ -100,7 +100,7 @@ def test_non_finite_objective_parameters_from_the_api():
 
     with pytest.raises(KDForgeError, match="`objectives.0.temperature` is inf"):
         build_loss([{"name": "hinton_kd", "temperature": float("inf")}])
-    with pytest.raises(ValueError, match="finite"):  # pydantic's ValidationError from ObjectiveConfig(**spec)
+    with pytest.raises(KDForgeError, match="objectives.0: `weight.float`: Input should be a finite number"):
         build_loss([{"name": "ce", "weight": float("nan")}])
 
 

@@ -242,3 +242,18 @@ def test_kdforge_list_names_the_strategies(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "strategies: assistant_ensemble, ces_kd, multi_teacher, offline" in out and "stage data: corpus" in out
+
+
+def test_camkd_on_text_teachers(tmp_path, job_tree, tiny_teacher_dir):
+    """CA-MKD with two BERT teachers (the same checkpoint fine-tuned with two seeds): the feature site
+    is the classifier's input (the pooled output), embedded without the final ReLU."""
+    finetune = {"epochs": 1, "lr": 3e-3, "batch_size": 16}
+    tree = {**job_tree, "teachers": {"t1": {"model": str(tiny_teacher_dir), "finetune": finetune},
+                                     "t2": {"model": str(tiny_teacher_dir), "finetune": {**finetune, "seed": 3}}},
+            "stages": [{"name": "distill", "objectives": [{"name": "ce"}],
+                        "strategy": {"name": "multi_teacher", "relu": False}}]}
+    del tree["teacher"]
+    result = kdforge.distill(tree)
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2] and all(h["loss"] > 0 for h in history)
+    assert result.student.metrics["accuracy"] >= 0.5

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,6 +28,7 @@ from kdforge.config import (
     ObjectiveConfig,
     TrainConfig,
     apply_overrides,
+    format_validation_error,
     load_config,
     validate_config,
 )
@@ -76,7 +77,10 @@ def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("
     modules, weights, names, roles = [], [], [], []
     for i, spec in enumerate(objectives):
         if isinstance(spec, str | dict):
-            cfg = ObjectiveConfig(name=spec) if isinstance(spec, str) else ObjectiveConfig(**spec)
+            try:
+                cfg = ObjectiveConfig.model_validate({"name": spec} if isinstance(spec, str) else spec)
+            except ValidationError as err:
+                raise KDForgeError(format_validation_error(err, f"objectives.{i}")) from None
             objective, weight, name, role = build_objective(cfg, i), cfg.weight, cfg.name, cfg.teacher
         else:
             objective, weight, role = (*spec, None)[:3] if isinstance(spec, tuple) else (spec, 1.0, None)
@@ -158,6 +162,7 @@ class Distiller:
                           self.output_dir, evaluate, self.main_metric if evaluate else None,
                           callbacks=callbacks, accelerator=accelerator, desc="distill")
         self.state = trainer.fit(resume=resume)
+        trainer.remove_checkpoints()
         return self.state
 
     def _score(self, adapter: nn.Module, loader: DataLoader, device) -> dict[str, float]:
@@ -169,7 +174,6 @@ class Distiller:
         device = next(self.student.parameters()).device
         return self._score(self.module.learner, loader, device)
 
-    @torch.no_grad()
     def predict(self, loader: DataLoader) -> np.ndarray:
         return predict(self.module.learner, loader.dataset, _AsBatch(loader.collate_fn),
                        loader.batch_size or 64, next(self.student.parameters()).device)[0]

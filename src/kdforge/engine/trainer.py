@@ -268,6 +268,10 @@ class Trainer:
         """Refuse to checkpoint non-finite weights (a finite loss can still give an infinite update)."""
         bad = [k for k, v in self.unwrapped.checkpoint_state().items()
                if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+        if self.world > 1:  # buffers may differ between processes: all of them refuse, or none
+            flags = self.accelerator.gather(torch.tensor([float(not bad)], device=self.accelerator.device))
+            if not bad and not flags.all():
+                bad = [f"on process {flags.tolist().index(0.0)}"]
         if bad:
             kept = f"{self.ckpt_dir} (step {self.checkpoint_step})" if self.checkpoint_step is not None else "none"
             raise KDForgeError(
