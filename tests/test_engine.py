@@ -101,4 +101,5 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in state.history] == pytest.approx([h["loss"] for h in ref_state.history], abs=1e-6)
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
-    assert (tmp_path / "run/checkpoints/train/last/meta.json").is_file()  # kept: the job deletes them once its outputs are written
+    # kept: the job (not the trainer) deletes them once its outputs are written
+    assert (tmp_path / "run/checkpoints/train/last/meta.json").is_file()

@@ -60,21 +60,6 @@ def assert_same_run(a, b):
         assert torch.allclose(x, y, atol=1e-6), name
 
 
-@pytest.fixture
-def kdlog():
-    """The records of the "kdforge" logger (INFO and up), whether or not it propagates to the root logger."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("kdforge")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
 def warnings_in(records) -> list[str]:
     return [r.getMessage() for r in records if r.levelno == logging.WARNING]
 

@@ -6,7 +6,6 @@ checkpoint every 3 steps and at each epoch's end), about two seconds each on a C
 
 import hashlib
 import json
-import logging
 import os
 import random
 import shutil
@@ -31,21 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Killed(Exception):
     """Stands for a kill: raised at the point under test."""
-
-
-@pytest.fixture
-def kdlog():
-    """The messages of the "kdforge" logger (INFO and up), whether or not it propagates to the root logger."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("kdforge")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def messages(records) -> list[str]:

@@ -7,31 +7,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from importlib import resources
 
 from kdforge.errors import KDForgeError
+from kdforge.processes import MainProcessOnly
 
 log = logging.getLogger("kdforge")
-
-
-def launch_rank() -> int:
-    """This process's rank in a multi-process launch (``torchrun``, ``accelerate launch``, MPI), 0
-    otherwise. Read from the launcher's environment, so asking sets up no process group."""
-    for key in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
-        value = os.environ.get(key, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
-class MainProcessOnly(logging.Filter):
-    """Drops records on every process but the main one: with several processes each line is logged
-    once (the engine makes every process compute the same numbers)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return launch_rank() == 0
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -149,7 +149,7 @@ class TrainConfig(Strict):
     seed: int = 42
     max_steps: PositiveInt | None = Field(None, description="stop after this many optimizer steps")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = end of each epoch")
-    keep_checkpoint: bool = Field(False, description="keep checkpoints/last after a successful run")
+    keep_checkpoint: bool = Field(False, description="keep checkpoints/ after a successful run")
     log_every: PositiveInt = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     select_best: bool = Field(True, description="keep the weights of the best epoch by the main metric")

@@ -42,7 +42,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from kdforge.cli import MainProcessOnly, launch_rank
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, ObjectiveConfig, TeacherConfig, dump_config, load_config
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.trainer import seed_everything
@@ -56,6 +55,7 @@ from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.preflight import check_job
+from kdforge.processes import MainProcessOnly, launch_rank
 from kdforge.recipes.catalog import check_stages
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
