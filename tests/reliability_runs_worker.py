@@ -15,7 +15,7 @@ from kdforge.cli import setup_logging
 from kdforge.config import TrainConfig
 from kdforge.engine.step import TrainStep
 from kdforge.engine.trainer import Trainer
-from kdforge.jobs import log_file
+from kdforge.run_folder import log_file
 
 
 class Regression(TrainStep):
