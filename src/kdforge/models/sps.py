@@ -343,7 +343,8 @@ def load_sps_compact(folder: str | Path) -> nn.Module:
         raise KDForgeError(f"{folder / SPS_META} does not match config.json (mode {meta.get('mode')!r}, "
                            f"{meta.get('physical_layers')} vs {config.num_hidden_layers} layers); save it again")
     arch = (config.architectures or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    cls = cls if cls is not None else transformers.AutoModelForSequenceClassification
+    cls = getattr(transformers, arch, None) if arch else None  # a transformers model class, nothing else
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModelForSequenceClassification
     model = cls.from_pretrained(folder)
     return make_sps_student(model, meta["mode"])
