@@ -26,6 +26,7 @@ Resumable method by method (results in benchmarks/results/teachers.json; finishe
     .venv/bin/python benchmarks/teachers.py                       # everything
     .venv/bin/python benchmarks/teachers.py --parts cifar --seeds 1
     .venv/bin/python benchmarks/teachers.py --report-only
+    .venv/bin/python benchmarks/teachers.py --parts sst2 --json teachers-sst2.json   # a part beside another
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
+JSON_NAME = "teachers.json"
 OUT = Path("runs/bench-teachers")
 
 CIFAR_TASK = {"name": "cifar10", "train_limit": 1500, "validation": 0.1, "eval_limit": 2000}
@@ -147,8 +149,18 @@ def run_methods(results: dict, part: str, methods: dict, base: dict, seeds: int)
 
 
 def save(results: dict) -> None:
-    atomic_write_json(RESULTS / "teachers.json", results)
-    atomic_write_text(RESULTS / "teachers.md", render(results))
+    """Write this run's JSON file, and the table from every teachers*.json (parts run in parallel write
+    their own file, e.g. `--parts sst2 --json teachers-sst2.json`)."""
+    atomic_write_json(RESULTS / JSON_NAME, results)
+    atomic_write_text(RESULTS / "teachers.md", render(all_results()))
+
+
+def all_results() -> dict:
+    merged: dict = {}
+    for path in sorted(RESULTS.glob("teachers*.json")):
+        for part, rows in json.loads(path.read_text()).items():
+            merged.setdefault(part, {}).update(rows)
+    return merged
 
 
 def mean_std(values: list[float]) -> str:
@@ -200,7 +212,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="a tiny budget into /tmp, to check the script runs")
+    parser.add_argument("--json", default="teachers.json", help="this run's results file in benchmarks/results")
     args = parser.parse_args()
+    global JSON_NAME
+    JSON_NAME = args.json
     if args.smoke:
         global RESULTS, OUT, TEACHER_EPOCHS
         RESULTS, OUT, TEACHER_EPOCHS = Path("/tmp/kdforge-teachers-smoke"), Path("/tmp/kdforge-teachers-smoke/runs"), 1
@@ -209,7 +224,7 @@ def main() -> None:
         CIFAR_TRAIN.update(epochs=2)
         SST2_TRAIN.update(epochs=1)
     logging.basicConfig(level=logging.WARNING)
-    path = RESULTS / "teachers.json"
+    path = RESULTS / JSON_NAME
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.report_only:
         if "cifar" in args.parts:
@@ -223,7 +238,7 @@ def main() -> None:
                                                           "student": {"layers": [0, 5]}, "eval": CHEAP_EVAL},
                         args.seeds)
     save(results)
-    print(render(results))
+    print(render(all_results()))
 
 
 if __name__ == "__main__":
