@@ -106,6 +106,9 @@ def test_every_strategy_runs_and_resumes_exactly_after_a_kill(tmp_path, digit_te
         assert set(metrics["other_roles"]) == {"ta"}
     else:  # the primary teacher is in the table, the other two beside it
         assert set(metrics["other_roles"]) == {"r8b", "cnn"}
+    report = (tmp_path / "ref/report.md").read_text()
+    assert "## Other teachers and assistants (same split)" in report
+    assert all(f"| {role} |" in report for role in metrics["other_roles"])
 
 
 def test_three_vision_teachers_from_the_command_line(tmp_path, digit_teachers):

@@ -231,7 +231,7 @@ def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
               "reported_on": task.describe_split(task.eval_split)}
     table = format_table(*reports, **splits)
     write_report(run_dir, *reports, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
-                 history=history, **splits)
+                 history=history, other_roles=others, **splits)
     # last: a run folder with metrics.json holds a finished run (see run_distill)
     atomic_write_json(run_dir / "metrics.json", {"task": task.name, "teacher": reports[0].to_dict(),
                                                  "student": reports[1].to_dict(),

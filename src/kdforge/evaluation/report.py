@@ -235,7 +235,8 @@ Block = tuple[str, Any]
 
 
 def _blocks(teacher: ModelReport, student: ModelReport, title: str, config_yaml: str,
-            history: list[dict[str, Any]] | None, png: bytes | None, selection: str | None = None) -> list[Block]:
+            history: list[dict[str, Any]] | None, png: bytes | None, selection: str | None = None,
+            other_roles: dict[str, dict[str, Any]] | None = None) -> list[Block]:
     blocks: list[Block] = [
         ("h1", title),
         ("h2", "Teacher vs student"),
@@ -243,6 +244,11 @@ def _blocks(teacher: ModelReport, student: ModelReport, title: str, config_yaml:
         *(("p", line) for line in _footer(teacher, student)),
         *([("p", selection)] if selection else []),
     ]
+    if other_roles:
+        metrics = list(dict.fromkeys(k for r in other_roles.values() for k in r["metrics"]))
+        rows = [[role, *(f"{r['metrics'].get(m, float('nan')):.4f}" for m in metrics), f"{r['ece']:.4f}"]
+                for role, r in other_roles.items()]
+        blocks += [("h2", "Other teachers and assistants (same split)"), ("table", (["role", *metrics, "ECE"], rows))]
     if png is not None:
         blocks += [("h2", "Reliability diagram"), ("image", ("reliability.png", png))]
     if history:
@@ -322,6 +328,7 @@ def write_report(
     history: list[dict[str, Any]] | None = None,
     selected_on: str | None = None,
     reported_on: str | None = None,
+    other_roles: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and (when both models have reliability bins)
     ``reliability.png`` into ``run_dir``, each atomically.
@@ -329,6 +336,8 @@ def write_report(
     ``history``: optional training log, one dict per evaluation with ``epoch``, ``step``, ``loss``
     and eval metrics. ``selected_on``/``reported_on``: descriptions of the selection and reported
     splits (``Task.describe_split``), written as one line under the table (:func:`selection_line`).
+    ``other_roles``: ``{role: {"metrics": {...}, "ece": x}}`` of the job's other teachers and
+    assistants, a table of their own.
     Returns ``{"markdown": path, "html": path}`` plus ``"reliability": path`` when the diagram was drawn."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +348,8 @@ def write_report(
         paths["reliability"] = plot_reliability(
             {names[0]: teacher.reliability, names[1]: student.reliability}, run_dir / "reliability.png")
         png = paths["reliability"].read_bytes()
-    blocks = _blocks(teacher, student, title, config_yaml, history, png, selection_line(selected_on, reported_on))
+    blocks = _blocks(teacher, student, title, config_yaml, history, png, selection_line(selected_on, reported_on),
+                     other_roles)
     paths["markdown"] = atomic_write_text(run_dir / "report.md", _markdown(blocks))
     paths["html"] = atomic_write_text(run_dir / "report.html", _html(blocks, title))
     return paths
