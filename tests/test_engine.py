@@ -103,3 +103,27 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
     # kept: the job (not the trainer) deletes them once its outputs are written
     assert (tmp_path / "run/checkpoints/train/last/meta.json").is_file()
+
+
+def test_progress_is_where_training_stands_when_a_batch_starts(tmp_path):
+    """Epoch-based rules (CA-MKD's first epoch, DKD's warm-up) see every batch of epoch e as epoch e:
+    the last batch of the first epoch is still epoch 1, not 2."""
+    from kdforge.engine.step import TrainStep
+
+    class Recording(TrainStep):
+        def __init__(self):
+            super().__init__()
+            self.learner = ModelAdapter(torch.nn.Linear(6, 2))
+            self.seen = []
+
+        def forward(self, batch, progress):
+            self.seen.append((progress.epoch, progress.epoch_number, progress.step))
+            return torch.nn.functional.cross_entropy(self.learner({"inputs": batch["input_ids"].float()}).logits,
+                                                     batch["labels"]), {}
+
+    step = Recording()
+    config = TrainConfig(epochs=2, batch_size=16, lr=1e-3, seed=0, device="cpu", select_best=False)
+    Trainer(step, Rows(64), collate, config, tmp_path).fit()
+    assert [s[0] for s in step.seen] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    assert [s[1] for s in step.seen] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [s[2] for s in step.seen] == list(range(8))

@@ -333,11 +333,12 @@ class Trainer:
         n_batches = batches_per_epoch(len(self.train_data), cfg.batch_size, self.world)
         for batch in self._loader():
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            progress = self.progress()  # where training is when this batch starts (its epoch's number)
             s.batches_done += 1
             sync = s.batches_done % cfg.grad_accum == 0 or s.batches_done == n_batches
             context = acc.no_sync(self.model) if not sync else contextlib.nullcontext()
             with context, acc.autocast():
-                loss, terms = self.model(batch, self.progress())
+                loss, terms = self.model(batch, progress)
                 self._check_finite_loss(loss, terms, s.batches_done, n_batches)
                 acc.backward(loss / cfg.grad_accum)
             loss = loss.detach()
