@@ -105,9 +105,7 @@ class MultiTeacher(Strategy):
             sites[role], heads[role] = feature_site(model, spatial[role])
         sources = {r: LiveTeacher(ctx.adapter(ctx.teachers[r], hook_paths=t_paths.get(r, []),
                                               input_paths=[sites[r]], teacher=True)) for r in roles}
-        learner = ctx.adapter(ctx.learner, hook_paths=s_paths, input_paths=[sites["student"]],
-                              hidden_states="hidden_states" in loss.requires(),
-                              attentions="attentions" in loss.requires())
+        learner = learner_adapter(ctx, loss, s_paths, input_paths=[sites["student"]])
         dims = self.feature_dims(ctx, learner, sources, sites)
         camkd = CAMKDLoss(dims["student"], [dims[r] for r in roles], p.temperature, relu=p.relu)
         return CAMKDStep(learner, loss, sources, camkd, sites, {r: heads[r] for r in roles}, p.kd_weight,

@@ -50,10 +50,12 @@ class OfflineStep(TrainStep):
         return self.loss(self.learner(batch), self.teacher_outputs(batch), batch, progress)
 
 
-def learner_adapter(ctx: StageContext, loss: WeightedLoss, hook_paths: list[str]) -> ModelAdapter:
+def learner_adapter(ctx: StageContext, loss: WeightedLoss, hook_paths: list[str], **options) -> ModelAdapter:
+    """The learner's adapter with what the loss reads (hooks, hidden states, attentions); ``options``
+    are further ModelAdapter settings (e.g. ``input_paths``)."""
     needs = loss.requires()
     return ctx.adapter(ctx.learner, hook_paths=hook_paths, hidden_states="hidden_states" in needs,
-                       attentions="attentions" in needs)
+                       attentions="attentions" in needs, **options)
 
 
 def check_bindings(stage, teachers: list[str]) -> None:
