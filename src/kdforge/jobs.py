@@ -68,6 +68,11 @@ def teacher_dir(run_dir: str | Path, role: str) -> Path:
     return Path(run_dir) / "teacher" if role == PRIMARY_TEACHER else Path(run_dir) / "teachers" / role
 
 
+def teacher_key(role: str) -> str:
+    """The config section of teacher ``role`` (for error messages)."""
+    return "teacher" if role == PRIMARY_TEACHER else f"teachers.{role}"
+
+
 def primary_teacher(config: JobConfig) -> str:
     return next(iter(config.teacher_configs()))
 
@@ -75,7 +80,7 @@ def primary_teacher(config: JobConfig) -> str:
 def finetune_teacher(config: JobConfig, task: Task, role: str, resume: bool = False) -> LoadedModel:
     """Fine-tune teacher ``role`` on the task with the task loss; export it to its folder."""
     spec: TeacherConfig = config.teacher_configs()[role]
-    key = "teacher" if role == PRIMARY_TEACHER else f"teachers.{role}"
+    key = teacher_key(role)
     if spec.finetune is None:
         raise KDForgeError(f"{key}.finetune is not set; add `finetune: {{epochs: 3}}` to it to fine-tune")
     out = teacher_dir(config.output_dir, role)
@@ -102,7 +107,7 @@ def get_teacher(config: JobConfig, task: Task, resume: bool = False, role: str |
     otherwise, or its ``model`` as is when it has no ``finetune``."""
     role = role or primary_teacher(config)
     spec = config.teacher_configs()[role]
-    key = "teacher" if role == PRIMARY_TEACHER else f"teachers.{role}"
+    key = teacher_key(role)
     if spec.finetune is None:
         return load_model(spec.model, task, f"{key}.model", trained_head=True)
     out = teacher_dir(config.output_dir, role)
