@@ -21,8 +21,8 @@ from kdforge.evaluation.report import (
     comparison_rows,
     comparison_summary,
     format_table,
-    write_report,
 )
+from kdforge.evaluation.report_page import write_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.io import atomic_write_json, atomic_write_text
 
@@ -289,8 +289,9 @@ def test_write_report(tmp_path):
     paths = write_report(tmp_path / "run", teacher, student, "SST-2: bert-base -> bert-6L",
                          "task:\n  name: glue/sst2\n", history)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["reliability.png", "report.html", "report.md"]
-    assert set(paths) == {"markdown", "html", "reliability"}
+    assert sorted(p.name for p in run.iterdir()) == ["reliability.png", "report.html", "report.md",
+                                                      "score-latency.png", "training.png"]
+    assert set(paths) == {"markdown", "html", "reliability", "score-latency", "training"}
     md = paths["markdown"].read_text()
     assert md.startswith("# SST-2: bert-base -> bert-6L")
     assert "| model | accuracy |" in md and "98.0%" in md and "```yaml\ntask:\n  name: glue/sst2\n```" in md
@@ -298,14 +299,14 @@ def test_write_report(tmp_path):
     assert "![reliability diagram](reliability.png)" in md
     page = paths["html"].read_text()
     assert '<img src="data:image/png;base64,' in page and "<table>" in page and "98.0%" in page
-    embedded = re.search(r'base64,([^"]+)"', page).group(1)
+    embedded = re.search(r'base64,([^"]+)" alt="reliability diagram"', page).group(1)
     assert base64.b64decode(embedded) == paths["reliability"].read_bytes()
     assert "bert-base -&gt; bert-6L" in page
 
     teacher.reliability = None
     paths = write_report(tmp_path / "run2", teacher, student, "t", "a: 1\n")
-    assert set(paths) == {"markdown", "html"} and "<img" not in paths["html"].read_text()
-    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == ["report.html", "report.md"]
+    assert set(paths) == {"markdown", "html", "score-latency"} and 'alt="reliability' not in paths["html"].read_text()
+    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == ["report.html", "report.md", "score-latency.png"]
 
 
 def test_model_report_round_trip():

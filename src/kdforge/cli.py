@@ -1,4 +1,4 @@
-"""``kdforge`` command line: demo, finetune, distill, eval, list.
+"""``kdforge`` command line: demo, finetune, distill, eval, export, bench-latency, compare, list.
 
 Every user error ends with one line ``kdforge: error: ...`` and exit status 2.
 """
@@ -66,7 +66,16 @@ def parser() -> argparse.ArgumentParser:
     dist = add("distill", "fine-tune the teacher if asked, distill the student, export and report", "CONFIG")
     dist.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     dist.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
-    add("eval", "evaluate teacher and student of a run (a run folder or its config)", "CONFIG|RUN_DIR")
+    add("eval", "evaluate a finished run again: a new dated report in RUN_DIR/evaluations/", "CONFIG|RUN_DIR")
+    export = add("export", "export a finished run's teacher and student to ONNX (and int8), evaluate every form",
+                 "RUN_DIR")
+    export.add_argument("--onnx", action="store_true", help="ONNX fp32 (the default when nothing is given)")
+    export.add_argument("--int8", action="store_true", help="also the student as int8 (onnxruntime dynamic)")
+    add("bench-latency", "re-measure a finished run's latencies on this machine (interleaved)", "RUN_DIR")
+    compare = sub.add_parser("compare", help="one page with several runs side by side (score, ECE, latency, size, "
+                             "config differences, Pareto chart)")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="runs/compare", help="folder of compare.html / compare.md")
     sub.add_parser("list", help="registered tasks, objectives, strategies and vision nets")
     return p
 
@@ -86,8 +95,24 @@ def run(args: argparse.Namespace) -> int:
                            ("stage data", DATA_SOURCES), ("vision nets", VISION_NETS)):
             print(f"{title}: {', '.join(reg.names())}")
         return 0
-    if args.command == "eval":
-        print(jobs.run_eval(args.target, args.overrides).table)
+    if args.command in ("eval", "export"):
+        export = args.command == "export"
+        result = jobs.run_eval(args.target, args.overrides, onnx=export, int8=export and args.int8)
+        print(result.table)
+        print(f"\nevaluation written to {result.run_dir} (report.html, metrics.json)")
+        return 0
+    if args.command == "bench-latency":
+        folder, table = jobs.run_bench_latency(args.target, args.overrides)
+        print(table)
+        print(f"\nwritten to {folder}")
+        return 0
+    if args.command == "compare":
+        from pathlib import Path
+
+        from kdforge.evaluation.compare import compare_runs
+
+        paths = compare_runs([Path(r) for r in args.runs], Path(args.out))
+        print(f"comparison of {len(args.runs)} runs: {paths['html']}")
         return 0
     if args.command == "demo":
         config = load_config(demo_config_path(), args.overrides)

@@ -153,6 +153,12 @@ class TrainConfig(Strict):
     log_every: PositiveInt = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     select_best: bool = Field(True, description="keep the weights of the best epoch by the main metric")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "aim", "clearml", "dvclive",
+                           "swanlab", "all"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (HF Accelerate's log_with names; [] = none): tensorboard writes "
+                    "tensorboard/<stage>; mlflow logs to $MLFLOW_TRACKING_URI, else a local file store "
+                    "<output_dir>/mlruns; all = every installed one (kdforge.engine.tracking)")
 
 
 class TeacherCacheConfig(Strict):
@@ -172,8 +178,30 @@ class EvalConfig(Strict):
     latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32], min_length=1)
     latency_seq_len: PositiveInt = 64
     latency_warmup: int = Field(3, ge=0)
-    latency_repeats: PositiveInt = 10
+    latency_repeats: PositiveInt = Field(20, description="timed rounds per batch size (every model once per round)")
     threads: PositiveInt | None = Field(None, description="torch threads for latency; default: torch's")
+    latency_max_spread: PositiveFloat = Field(0.2, description="relative spread of the timings (interquartile "
+                                              "range / median) above which the report flags latency as noisy")
+    sharpness: bool = Field(False, description="report each model's sharpness: the largest eigenvalue of its "
+                            "training-loss Hessian (kdforge.evaluation.sharpness); costs ~3 backward passes per "
+                            "iteration and sample")
+    sharpness_samples: PositiveInt = Field(256, description="fixed training rows the sharpness is measured on")
+    sharpness_iterations: PositiveInt = Field(20, description="power-iteration steps of the sharpness estimate")
+
+
+class ExportConfig(Strict):
+    """Deployment formats written beside ``student/`` (and evaluated in the report like the PyTorch model)."""
+
+    onnx: bool = Field(False, description="export teacher and student to ONNX (fp32, dynamic batch and sequence)")
+    int8: bool = Field(False, description="also the student as int8 (onnxruntime dynamic quantization); "
+                       "needs export.onnx")
+    opset: PositiveInt = Field(18, description="ONNX opset version")
+
+    @model_validator(mode="after")
+    def _int8_needs_onnx(self) -> ExportConfig:
+        if self.int8 and not self.onnx:
+            raise ValueError("export.int8 quantizes the ONNX student: set export.onnx: true too")
+        return self
 
 
 class PTPConfig(Strict):
@@ -256,6 +284,7 @@ class JobConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     stages: list[StageConfig] | None = Field(None, description="a multi-stage recipe; default: one stage "
                                              "named distill with `objectives` and `train`")
     output_dir: str = "runs/job"

@@ -14,8 +14,7 @@ from accelerate import PartialState
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, ObjectiveConfig, TeacherConfig, dump_config, load_config
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.evaluate import evaluate_model
-from kdforge.evaluation.report import ModelReport, comparison_summary, format_table, write_report
+from kdforge.evaluation.report import ModelReport
 from kdforge.export import export_model
 from kdforge.io import atomic_write_json, atomic_write_text, read_json
 from kdforge.models.adapter import ModelAdapter
@@ -24,10 +23,19 @@ from kdforge.models.student import build_student
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.preflight import check_job
 from kdforge.processes import launch_rank
+from kdforge.provenance import PhaseTimer, collect_provenance
 from kdforge.recipes.catalog import check_stages
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
 from kdforge.run_folder import PREVIOUS_RUN, finish_run, log_file, prepare_output_dir, restore_previous_run
+from kdforge.run_report import (
+    evaluate_run,
+    export_paths,
+    result_table,
+    write_exports,
+    write_metrics,
+    write_student_card,
+)
 from kdforge.tasks.base import Task, build_task
 from kdforge.tasks.corpus import corpus_texts
 
@@ -169,10 +177,9 @@ def finished_result(config: JobConfig, run_dir: Path) -> RunResult | None:
     saved = read_json(path, fix)
     try:
         teacher, student = ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"])
+        return RunResult(run_dir, teacher, student, result_table(saved))
     except (KeyError, TypeError):
         raise KDForgeError(f"{path} does not hold kdforge's teacher and student reports; {fix}") from None
-    splits = {key: saved.get(key) for key in ("selected_on", "reported_on")}
-    return RunResult(run_dir, teacher, student, format_table(teacher, student, **splits))
 
 
 def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
@@ -193,17 +200,22 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
     check_job(config, "distill")  # devices, folders, models, lengths: refused before any file is written
     check_stages(config)  # bad strategies, roles or objective settings too
     run_dir = prepare_output_dir(config, resume, overwrite)
+    timer = PhaseTimer()
     with log_file(run_dir):
         try:
             if main:
                 atomic_write_text(run_dir / "config.yaml", dump_config(config))
             task = build_task(config.task)
-            models = load_models(config, task, resume)
-            history = run_stages(config, task, models, run_dir, resume, callbacks)
+            with timer.phase("teachers and students built (teachers fine-tuned)"):
+                models = load_models(config, task, resume)
+            with timer.phase("training stages"):
+                history = run_stages(config, task, models, run_dir, resume, callbacks)
             if not PartialState().is_main_process:
                 return None  # type: ignore[return-value]
-            export_model(models[STUDENT], run_dir / "student")
-            result = report_run(config, task, models, run_dir, history)
+            with timer.phase("export"):
+                export_model(models[STUDENT], run_dir / "student")
+                onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run_dir)
+            result = report_run(config, task, models, run_dir, history, timer, onnx_files)
             finish_run(config, run_dir)
             return result
         except Exception:
@@ -219,52 +231,112 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
 
 
 def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], run_dir: Path,
-               history: list | None) -> RunResult:
-    """The primary teacher beside the student (score, ECE, size, latency), and the other roles'
-    scores and ECE, on the reported split."""
-    dev_data = task.split(task.eval_split)
+               history: list | None, timer: PhaseTimer, onnx_files: dict[str, Path], out_dir: Path | None = None,
+               function: str = "distill") -> RunResult:
+    """Every form of the primary teacher and the student measured on the reported split (see
+    :mod:`kdforge.run_report`), the report and ``metrics.json`` written into ``out_dir`` (the run folder
+    by default)."""
+    out_dir = out_dir or run_dir
     teacher_role = primary_teacher(config)
-    reports = [evaluate_model(name, models[role], task, dev_data, config.eval) for name, role in
-               (("teacher", teacher_role), ("student", STUDENT))]
-    others = {}
-    for role, loaded in models.items():
-        if role not in (teacher_role, STUDENT):
-            scores = task.evaluate(ModelAdapter(loaded.model), dev_data, task.collator(loaded.tokenizer),
-                                   config.eval.batch_size)
-            others[role] = {"metrics": scores.metrics, "ece": scores.ece}
-    splits = {"selected_on": task.describe_split(task.selection_split),
-              "reported_on": task.describe_split(task.eval_split)}
-    table = format_table(*reports, **splits)
-    write_report(run_dir, *reports, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
-                 history=history, other_roles=others, **splits)
-    # last: a run folder with metrics.json holds a finished run (see run_distill)
-    atomic_write_json(run_dir / "metrics.json", {"task": task.name, "teacher": reports[0].to_dict(),
-                                                 "student": reports[1].to_dict(),
-                                                 "comparison": comparison_summary(*reports),
-                                                 "other_roles": others, **splits, "history": history or []})
-    log.info("results in %s", run_dir)
-    return RunResult(run_dir, reports[0], reports[1], table)
+    provenance = collect_provenance(config, function=function)
+    with timer.phase("evaluation"):
+        saved = evaluate_run(config, task, models, teacher_role, out_dir, history,
+                             {**provenance, "phases": timer.seconds},
+                             {role: teacher_dir(run_dir, role) for role in config.teacher_configs()}, onnx_files)
+    saved["provenance"]["phases"] = dict(timer.seconds)
+    if function == "distill":
+        write_student_card(config, task, run_dir, saved)
+    write_metrics(out_dir, saved)
+    log.info("results in %s", out_dir)
+    teacher, student = ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"])
+    return RunResult(out_dir, teacher, student, result_table(saved))
 
 
-# ---------------------------------------------------------------------------- eval
+# ---------------------------------------------------------------------------- eval, export, latency
 
 
-def run_eval(target: str | Path, overrides=None) -> RunResult:
-    """Evaluate the teachers and the exported student of a finished run (a run folder or its config)."""
+def finished_run(target: str | Path, overrides=None) -> tuple[JobConfig, Path]:
+    """The config and folder of a finished run given as a run folder or its config file."""
     target = Path(target)
     config = load_config(target / "config.yaml" if target.is_dir() else target, overrides)
-    run_dir = Path(config.output_dir) if not target.is_dir() else target
-    student_dir = run_dir / "student"
-    if not student_dir.is_dir():
-        raise KDForgeError(f"{student_dir} does not exist; run `kdforge distill` first")
+    run_dir = target if target.is_dir() else Path(config.output_dir)
+    if not (run_dir / "student").is_dir():
+        raise KDForgeError(f"{run_dir / 'student'} does not exist; run `kdforge distill` first")
+    return config, run_dir
+
+
+def run_models(config: JobConfig, run_dir: Path, task: Task) -> dict[str, LoadedModel]:
+    """A finished run's teachers (fine-tuned ones from their folders) and its exported student."""
+    models = {}
+    for role, spec in config.teacher_configs().items():
+        folder = teacher_dir(run_dir, role) / "model"
+        models[role] = load_model(str(folder) if folder.is_dir() else spec.model, task)
+    models[STUDENT] = load_model(str(run_dir / "student"), task, "student")
+    return models
+
+
+def dated_folder(run_dir: Path, kind: str) -> Path:
+    """``run_dir/<kind>/<UTC date and time>``: a new folder for each evaluation, never an old one reused."""
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%SZ")
+    folder, n = run_dir / kind / stamp, 1
+    while folder.exists():
+        n += 1
+        folder = run_dir / kind / f"{stamp}-{n}"
+    return folder
+
+
+def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool = False) -> RunResult:
+    """Evaluate the teachers, the exported student and the run's ONNX files (those in ``exports/``;
+    ``onnx``/``int8`` export them first) of a finished run, written as a new dated evaluation in
+    ``RUN_DIR/evaluations/<date>/``; the run's own report and metrics stay as they are."""
+    config, run_dir = finished_run(target, overrides)
+    if onnx or int8:
+        config = config.model_copy(update={"export": config.export.model_copy(
+            update={"onnx": True, "int8": int8 or config.export.int8})})
+    out_dir = dated_folder(run_dir, "evaluations")
+    timer = PhaseTimer()
     with log_file(run_dir):
         task = build_task(config.task)
-        models = {}
-        for role, spec in config.teacher_configs().items():
-            folder = teacher_dir(run_dir, role) / "model"
-            models[role] = load_model(str(folder) if folder.is_dir() else spec.model, task)
-        models[STUDENT] = load_model(str(student_dir), task, "student")
+        models = run_models(config, run_dir, task)
+        with timer.phase("export"):
+            onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run_dir) \
+                if onnx or int8 else {name: p for name, p in export_paths(run_dir).items() if p.is_file()}
         metrics = run_dir / "metrics.json"
         history = read_json(metrics, f"delete it and run `kdforge eval {run_dir}` again").get("history") \
             if metrics.is_file() else None
-        return report_run(config, task, models, run_dir, history)
+        return report_run(config, task, models, run_dir, history, timer, onnx_files, out_dir, "evaluate")
+
+
+def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
+    """Re-measure the latency of a finished run's teacher, student and ONNX files on this machine
+    (interleaved, see :func:`kdforge.evaluation.evaluate.time_forms`); writes ``latency.json`` and
+    ``latency.md`` into ``RUN_DIR/latency/<date>/`` and returns that folder and the table."""
+    from kdforge.evaluation.evaluate import time_forms
+    from kdforge.evaluation.latency import describe_latency_noise
+    from kdforge.evaluation.render import render_markdown
+    from kdforge.run_report import build_forms, latency_table
+
+    config, run_dir = finished_run(target, overrides)
+    task = build_task(config.task)
+    models = run_models(config, run_dir, task)
+    onnx_files = {name: p for name, p in export_paths(run_dir).items() if p.is_file()}
+    forms = build_forms(config, task, models[primary_teacher(config)], models[STUDENT], onnx_files)
+    log.info("timing %s interleaved: %d rounds per batch size %s", ", ".join(f.name for f in forms),
+             config.eval.latency_repeats, config.eval.latency_batch_sizes)
+    timing = time_forms(forms, config.eval)
+    provenance = collect_provenance(config, function="bench_latency")
+    out_dir = dated_folder(run_dir, "latency")
+    out_dir.mkdir(parents=True)
+    atomic_write_json(out_dir / "latency.json", {**timing, "provenance": provenance})
+    noise = describe_latency_noise(timing)
+    headers, rows = latency_table(timing)
+    lines = [f"seq len {config.eval.latency_seq_len}, threads {timing['models']['teacher']['threads']}, "
+             f"{config.eval.latency_repeats} interleaved rounds; CPU {provenance['cpu']}; {provenance['date']}",
+             *([f"WARNING: {noise}"] if noise else [])]
+    atomic_write_text(out_dir / "latency.md", render_markdown([("h1", f"Latency of {run_dir}"),
+                                                               ("table", (headers, rows)),
+                                                               *(("p", line) for line in lines)]))
+    table = "\n".join([" | ".join(headers), *(" | ".join(r) for r in rows), *lines])
+    return out_dir, table

@@ -177,10 +177,32 @@ def check_models(config: JobConfig, command: str) -> None:
         check_learner(learner, prefix, first_config, causal, lengths)
 
 
+def check_trackers(config: JobConfig) -> None:
+    """Every tracker of ``train.trackers`` (and of a stage's own) is installed."""
+    from kdforge.engine.tracking import resolve_trackers
+
+    resolve_trackers(config.train.trackers, "train.trackers")
+    for i, stage in enumerate(config.stages or []):
+        if "trackers" in stage.train:
+            resolve_trackers(config.stage_train(stage).trackers, f"stages.{i}.train.trackers")
+
+
+def check_exports(config: JobConfig) -> None:
+    """ONNX export is for classifiers and regressors (text and vision), not language models."""
+    from kdforge.tasks.base import TASKS
+
+    task_class = TASKS.get(config.task.name, "task.name")
+    if config.export.onnx and getattr(task_class, "problem_type", None) == "language_modeling":
+        raise KDForgeError(f"export.onnx: task {config.task.name} trains a language model, which kdforge does not "
+                           "export to ONNX (sequence classifiers and vision nets only); set export.onnx: false")
+
+
 def check_job(config: JobConfig, command: str = "distill") -> None:
     """Everything ``kdforge distill`` (``command="distill"``, also the demo) or ``kdforge finetune``
     (``"finetune"``) can refuse before it writes a file or trains a step; one KDForgeError line."""
     check_devices(config)
+    check_trackers(config)
+    check_exports(config)
     check_folders(config, command)
     if command == "distill":
         check_objectives(config)

@@ -11,7 +11,11 @@ Layout (``output_dir``)::
     stages/              per finished stage of a multi-stage recipe: history and learner snapshot
     metrics.json         teacher and student reports + comparison (+ the other roles' scores); written
                          last: its presence marks a finished run
-    report.md/.html      the same as a document, with the reliability diagram
+    exports/             teacher.onnx, student.onnx, student.int8.onnx (export.onnx / export.int8)
+    report.md/.html      the same as a document (warnings, baseline, every form, per-class scores, plots,
+                         provenance), with its PNGs (reliability, training curves, score vs latency)
+    evaluations/<date>/  each `kdforge eval` / `kdforge export`: a new report and metrics.json
+    latency/<date>/      each `kdforge bench-latency`: latency.json and latency.md
     tensorboard/         scalars of every stage
     checkpoints/<stage>/ while the run is not finished (kept after it with train.keep_checkpoint)
     .previous-run/       during an ``--overwrite`` run: the finished run it replaces
@@ -63,8 +67,8 @@ def log_file(run_dir: Path) -> Iterator[None]:
 
 
 #: a finished run's results: what ``--overwrite`` replaces (moved into PREVIOUS_RUN until the new ones exist)
-RESULTS = ("config.yaml", "student", "student-compact", "report.md", "report.html", "reliability.png", "stages",
-           "checkpoints", "metrics.json")
+RESULTS = ("config.yaml", "student", "student-compact", "exports", "report.md", "report.html", "reliability.png",
+           "training.png", "score-latency.png", "evaluations", "latency", "stages", "checkpoints", "metrics.json")
 PREVIOUS_RUN = ".previous-run"
 
 

@@ -7,7 +7,9 @@ Built on HF Accelerate (devices, DDP with gloo on CPU / nccl on GPU via ``accele
 ``torchrun``, mixed precision). It adds what a distillation run needs: AdamW with linear warm-up
 and decay, gradient accumulation, evaluation each epoch with the best epoch kept, atomic
 checkpoints with exact ``resume``, progress bars (or log lines when output is not a terminal)
-and TensorBoard scalars.
+and experiment tracking through Accelerate's trackers (``train.trackers``: TensorBoard scalars in
+``tensorboard/<desc>`` by default, MLflow, W&B...; :mod:`kdforge.engine.tracking`), one tracked run per
+``fit``, closed when it ends or fails.
 
 Reliability rules:
 
@@ -48,6 +50,7 @@ from kdforge.config import TrainConfig
 from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.batching import batches_per_epoch, epoch_batches
 from kdforge.engine.step import TrainStep
+from kdforge.engine.tracking import end_tracking, resolve_trackers, start_tracking
 from kdforge.errors import KDForgeError
 from kdforge.progress import Progress
 
@@ -77,6 +80,7 @@ class TrainState:
     step: int = 0  # optimizer steps
     loss_sum: float = 0.0
     loss_count: int = 0
+    term_sums: dict[str, float] = field(default_factory=dict)  # each loss term's sum over the epoch's micro-batches
     best_metric: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -123,6 +127,7 @@ class Trainer:
         self.ckpt_dir = self.ckpt_root / "last"
         self.best_path = self.ckpt_root / "best-student.pt"
         self.checkpoint_step: int | None = None  # the step of the newest checkpoint written or restored
+        resolve_trackers(config.trackers)  # an unknown or uninstalled tracker: one line, before training
 
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -138,7 +143,6 @@ class Trainer:
                                              self.total_steps)
         self.model, self.optimizer = acc.prepare(step, optimizer)
         self.unwrapped: TrainStep = acc.unwrap_model(self.model)
-        self.writer = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -150,11 +154,17 @@ class Trainer:
                         epoch=self.state.epoch + self.state.batches_done / max(1, self.steps_per_epoch
                                                                                  * self.config.grad_accum))
 
-    def _tensorboard(self, tag: str, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self.writer.add_scalar(f"{tag}/{key}", value, self.state.step)
+    def _track(self, tag: str, values: dict[str, Any]) -> None:
+        """Log the finite numbers of ``values`` as ``<tag>/<key>`` at the current optimizer step to this
+        fit's trackers (main process only; nothing when ``train.trackers`` is empty)."""
+        finite = {f"{tag}/{k}": v for k, v in values.items()
+                  if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+        if finite and self.accelerator.trackers:
+            self.accelerator.log(finite, step=self.state.step)
+
+    def _tracked_params(self) -> dict[str, Any]:
+        return {**self.config.model_dump(), "desc": self.desc, "main_metric": self.main_metric,
+                "total_steps": self.total_steps, "processes": self.world}
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -205,16 +215,19 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _end_epoch(self) -> None:
         s = self.state
-        loss_sum, loss_count = s.loss_sum, s.loss_count
+        names = sorted(s.term_sums)
+        loss_sum, loss_count, term_sums = s.loss_sum, s.loss_count, [s.term_sums[n] for n in names]
         if self.world > 1:  # the mean over every process's micro-batches: the same history everywhere
-            totals = self.accelerator.reduce(torch.tensor([loss_sum, float(loss_count)], dtype=torch.float64,
-                                                          device=self.accelerator.device), "sum")
-            loss_sum, loss_count = float(totals[0]), int(totals[1])
+            totals = self.accelerator.reduce(torch.tensor([loss_sum, float(loss_count), *term_sums],
+                                                          dtype=torch.float64, device=self.accelerator.device), "sum")
+            loss_sum, loss_count, term_sums = float(totals[0]), int(totals[1]), totals[2:].tolist()
         entry: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, "loss": loss_sum / max(1, loss_count)}
+        if len(names) > 1:  # the loss terms' epoch means (one term is the loss itself)
+            entry.update({f"loss:{n}": total / max(1, loss_count) for n, total in zip(names, term_sums, strict=True)})
         if self.evaluate is not None:
             metrics = self._evaluate()
             entry.update(metrics)
-            self._tensorboard("eval", metrics)
+            self._track("eval", metrics)
             value = metrics.get(self.main_metric) if self.main_metric else None
             better = value is not None and (s.best_metric is None or (
                 value > s.best_metric if self.greater_is_better else value < s.best_metric))
@@ -224,9 +237,10 @@ class Trainer:
                     ckpt.save_torch_atomic(self.unwrapped.learner.state_dict(), self.best_path)
             log.info("%s epoch %d/%d: %s", self.desc, s.epoch + 1, self.config.epochs,
                      ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if isinstance(v, float)))
+        self._track("train", {"epoch_loss": entry["loss"]})  # the history's mean loss of the epoch
         s.history.append(entry)
         s.epoch += 1
-        s.batches_done, s.loss_sum, s.loss_count = 0, 0.0, 0
+        s.batches_done, s.loss_sum, s.loss_count, s.term_sums = 0, 0.0, 0, {}
 
     def _evaluate(self) -> dict[str, float]:
         """The learner's scores on the whole evaluation split, computed by the main process and sent
@@ -286,10 +300,6 @@ class Trainer:
         if resume:
             if not self.load_checkpoint():
                 log.info("no checkpoint in %s: starting from the beginning", self.ckpt_dir)
-        if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard" / self.desc))
         interactive = sys.stderr.isatty()
         if self.finished:
             log.info("%s: trained to step %d of %d already (checkpoint %s): nothing left to train", self.desc,
@@ -298,16 +308,19 @@ class Trainer:
             log.info("%s: %d optimizer steps (%d per epoch), device %s, processes: %d", self.desc,
                      self.total_steps, self.steps_per_epoch, self.accelerator.device, self.world)
         self._started, self._start_step = time.monotonic(), self.state.step
+        if not self.finished:  # a resumed finished run logs nothing: no empty tracked run
+            start_tracking(acc, cfg.trackers, self.run_dir, self.desc, self._tracked_params())
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.desc, unit="step",
                    disable=not (self.is_main and interactive), dynamic_ncols=True)
         self.model.train()
+        failed = True
         try:
             while not self.finished:
                 self._run_epoch(bar, interactive)
+            failed = False
         finally:
             bar.close()
-            if self.writer is not None:
-                self.writer.close()
+            end_tracking(acc, failed)  # also on error: the next fit in this process starts its own run
         acc.wait_for_everyone()  # the main process has written best-student.pt
         if cfg.select_best and self.state.best_epoch is not None and self.best_path.is_file():
             self.unwrapped.learner.load_state_dict(ckpt.load(self.best_path))
@@ -344,6 +357,9 @@ class Trainer:
             loss = loss.detach()
             s.loss_sum += float(loss)
             s.loss_count += 1
+            for name, value in terms.items():
+                if isinstance(value, int | float):
+                    s.term_sums[name] = s.term_sums.get(name, 0.0) + float(value)
             if not sync:
                 continue
             if cfg.max_grad_norm:
@@ -357,7 +373,7 @@ class Trainer:
             bar.set_postfix(loss=f"{float(loss):.4f}", epoch=s.epoch + 1, refresh=False)
             if s.step % cfg.log_every == 0 or s.step == self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]
-                self._tensorboard("train", {"loss": float(loss), "lr": lr, **terms})
+                self._track("train", {"loss": float(loss), "lr": lr, **terms})
                 if not interactive and self.is_main:
                     elapsed = time.monotonic() - self._started
                     done = s.step - self._start_step

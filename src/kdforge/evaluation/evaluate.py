@@ -1,36 +1,116 @@
-"""Measure one model on a task: official metrics, ECE, parameters, size on disk, latency."""
+"""Measure models on a task: official metrics, ECE, per-class scores, parameters, size on disk, latency.
+
+A :class:`Form` is one deployable form of a model (the PyTorch model, its ONNX export, the int8 ONNX
+export): how to score it (an adapter: batch -> Outputs) and how to time it (``forward(batch_size)``
+on a fixed input). :func:`evaluate_forms` scores every form on the same split and then times them all
+*interleaved* in one process (:func:`kdforge.evaluation.latency.interleaved_latency`), so a load
+change during the measurement hits every form alike and the speedups stay honest.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+from torch import nn
 
 from kdforge.config import EvalConfig
-from kdforge.evaluation.latency import image_inputs, model_latency, text_inputs
+from kdforge.engine.predict import predict
+from kdforge.evaluation.latency import image_inputs, interleaved_latency, text_inputs
 from kdforge.evaluation.report import ModelReport
-from kdforge.evaluation.size import count_parameters, size_on_disk_mb
+from kdforge.evaluation.sanity import per_class_report
+from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel
 
 
-def latency_of(loaded: LoadedModel, task, sample: dict, config: EvalConfig) -> dict:
+@dataclass
+class Form:
+    """One deployable form of a model. ``adapter(batch) -> Outputs`` scores it; ``forward(batch_size)``
+    runs it once on a fixed input of that batch size (for timing); ``tokenizer`` collates its inputs."""
+
+    name: str
+    adapter: nn.Module
+    forward: Callable[[int], Any]
+    tokenizer: Any
+    params: int
+    size_mb: float
+
+
+def input_maker(loaded: LoadedModel, task, config: EvalConfig) -> Callable[[int], Any]:
+    """``make(batch_size)``: a fixed latency input for ``loaded`` (text: ``latency_seq_len`` tokens)."""
     if loaded.tokenizer is not None:
         embeddings = loaded.model.get_input_embeddings() if hasattr(loaded.model, "get_input_embeddings") else None
         rows = getattr(embeddings, "num_embeddings", None)
-        make = lambda bs: text_inputs(loaded.tokenizer, bs, config.latency_seq_len, vocab_limit=rows)
+        return lambda bs: text_inputs(loaded.tokenizer, bs, config.latency_seq_len, vocab_limit=rows)
+    collate = task.collator(None, train=False)
+    shape = tuple(collate([task.split(task.eval_split)[0]])["pixel_values"].shape[1:])
+    return lambda bs: image_inputs(bs, shape)
+
+
+def pytorch_form(name: str, loaded: LoadedModel, task, config: EvalConfig) -> Form:
+    model = loaded.model.to("cpu").eval()
+    make = input_maker(loaded, task, config)
+    prepared: dict[int, Any] = {}
+
+    def forward(batch_size: int) -> Any:
+        inputs = prepared.setdefault(batch_size, make(batch_size))
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    return Form(name, ModelAdapter(model), forward, loaded.tokenizer, count_parameters(model),
+                size_on_disk_mb(model))
+
+
+def onnx_form(name: str, path: Path, loaded: LoadedModel, task, config: EvalConfig) -> Form:
+    """The ONNX file ``path`` exported from ``loaded`` (its tokenizer and parameter count), run by
+    onnxruntime with the same threads as the PyTorch forms."""
+    from kdforge.deploy.onnx_runtime import OnnxAdapter, make_session, onnx_forward
+
+    session = make_session(path, config.threads or torch.get_num_threads())
+    return Form(name, OnnxAdapter(session), onnx_forward(session, input_maker(loaded, task, config)), loaded.tokenizer,
+                count_parameters(loaded.model), dir_size_mb(path))
+
+
+def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
+    """Score, ECE, reliability bins and (classification) per-class scores of one form; no latency yet."""
+    collate = task.collator(form.tokenizer, train=False)
+    per_class = None
+    if task.problem_type == "language_modeling":
+        scores = task.evaluate(form.adapter, data, collate, config.batch_size, "cpu", config.ece_bins,
+                               f"eval {form.name}")
     else:
-        shape = tuple(sample["pixel_values"].shape[1:])
-        make = lambda bs: image_inputs(bs, shape)
-    return model_latency(loaded.model, make, config.latency_batch_sizes, config.latency_warmup,
-                         config.latency_repeats, config.threads)
+        logits, labels = predict(form.adapter, data, collate, config.batch_size, "cpu", f"eval {form.name}")
+        scores = task.scores(logits, labels, config.ece_bins)
+        if task.problem_type == "classification":
+            per_class = per_class_report(logits, labels, list(task.label_names))
+    return ModelReport(name=form.name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece,
+                       params=form.params, size_mb=form.size_mb, latency={}, reliability=scores.reliability,
+                       per_class=per_class)
+
+
+def time_forms(forms: list[Form], config: EvalConfig, reference: str | None = None) -> dict[str, Any]:
+    """Every form timed interleaved (:func:`interleaved_latency`) with the config's batch sizes, warm-up,
+    rounds and threads; the first form (or ``reference``) is the speedups' reference."""
+    return interleaved_latency({f.name: f.forward for f in forms}, config.latency_batch_sizes,
+                               config.latency_warmup, config.latency_repeats, config.threads,
+                               reference=reference, max_spread=config.latency_max_spread)
+
+
+def evaluate_forms(forms: list[Form], task, data, config: EvalConfig) -> tuple[dict[str, ModelReport], dict]:
+    """Each form's :class:`ModelReport` on ``data`` (its latency from one interleaved measurement of all
+    the forms, the first form being the reference of the speedups), and that measurement."""
+    reports = {f.name: score_form(f, task, data, config) for f in forms}
+    timing = time_forms(forms, config)
+    for name, report in reports.items():
+        report.latency = {**timing["models"][name], "interleaved": True}
+    return reports, timing
 
 
 def evaluate_model(name: str, loaded: LoadedModel, task, data, config: EvalConfig,
                    device: str | torch.device = "cpu") -> ModelReport:
-    collate = task.collator(loaded.tokenizer, train=False)
-    scores = task.evaluate(ModelAdapter(loaded.model), data, collate, config.batch_size, device, config.ece_bins,
-                           f"eval {name}")
-    model_cpu = loaded.model.to("cpu")
-    sample = collate([data[0]])
-    return ModelReport(name=name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece,
-                       params=count_parameters(model_cpu), size_mb=size_on_disk_mb(model_cpu),
-                       latency=latency_of(loaded, task, sample, config), reliability=scores.reliability)
+    """One PyTorch model measured alone (its latency timed on its own)."""
+    reports, _ = evaluate_forms([pytorch_form(name, loaded, task, config)], task, data, config)
+    return reports[name]

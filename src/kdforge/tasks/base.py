@@ -103,9 +103,13 @@ class Task(ABC):
         """Score the model behind ``adapter`` (a ModelAdapter) on ``data``: the model's logits of the
         whole split are collected, then :meth:`compute_metrics`; ECE over the softmax of the logits."""
         from kdforge.engine.predict import predict
+
+        return self.scores(*predict(adapter, data, collate_fn, batch_size, device, desc), ece_bins)
+
+    def scores(self, logits: np.ndarray, labels: np.ndarray, ece_bins: int = 15) -> Scores:
+        """:meth:`compute_metrics` of a split's logits, and the ECE and reliability bins of their softmax."""
         from kdforge.evaluation.calibration import reliability_bins, softmax
 
-        logits, labels = predict(adapter, data, collate_fn, batch_size, device, desc)
         metrics = self.compute_metrics(logits, labels)
         if self.problem_type == "regression":
             return Scores(metrics)

@@ -1,0 +1,220 @@
+"""The run report as a document: ``report.md`` and one self-contained ``report.html`` with the same content.
+
+Sections, in order: warnings (a run that is no better than the trivial baseline, or a model that
+predicts one class for everything, is said at the top); teacher vs student with the majority-class
+baseline and the ``student / teacher`` row; every deployment form (PyTorch, ONNX fp32, ONNX int8)
+with its score, ECE, size and interleaved latency (speedup over the teacher with a 95% interval,
+p90; a noisy measurement is said next to it); the score-vs-latency chart; per-class precision /
+recall / F1 and confusion matrices; the reliability diagram; training curves and history; the
+other teachers and assistants; provenance (date, versions, CPU, phase times, data sizes, the
+command that reproduces the run) and the config as its difference from the defaults (the full
+config folded below it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdforge.evaluation.latency import describe_latency_noise
+from kdforge.evaluation.plots import reliability_png, score_latency_png, training_curves_png
+from kdforge.evaluation.render import Block, render_html, render_markdown
+from kdforge.evaluation.report import (
+    NA,
+    ModelReport,
+    as_table,
+    batch_sizes,
+    comparison_rows,
+    fmt,
+    footer_lines,
+    history_table,
+    ratio_of,
+    selection_line,
+)
+from kdforge.io import atomic_write_bytes, atomic_write_text
+
+
+@dataclass
+class Findings:
+    """What a report shows beyond teacher vs student (every field optional).
+
+    baseline:   the majority-class (mean, for regression) model's scores on the reported split.
+    forms:      every deployment form by name (``"teacher"``, ``"student"``, ``"student onnx int8"``, ...).
+    latency:    the :func:`kdforge.evaluation.latency.interleaved_latency` result (speedups, load, noise).
+    warnings:   sanity lines shown at the top.
+    histories:  training history per phase (``"teacher fine-tune"``, ``"stage distill"``).
+    provenance: :func:`kdforge.provenance.collect_provenance` plus ``phases`` (wall seconds) and ``data``
+                (rows per split).
+    other_roles: ``{role: {"metrics": {...}, "ece": x}}`` of the job's other teachers and assistants.
+    """
+
+    baseline: ModelReport | None = None
+    forms: dict[str, ModelReport] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    provenance: dict[str, Any] | None = None
+    other_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    greater_is_better: bool = True
+
+
+def _speedup_cell(latency: dict | None, name: str, batch_size: int) -> str:
+    entry = ((latency or {}).get("speedup", {}).get(name) or {}).get(str(batch_size))
+    if not entry:
+        return NA
+    return f"{fmt(entry['ratio'])}x [{fmt(entry['low'])}-{fmt(entry['high'])}]"
+
+
+def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: ModelReport) -> tuple[list, list]:
+    """One row per deployment form: score, retention, ECE, MB, median and p90 ms and the speedup over
+    the teacher (ratio of medians, 95% paired-bootstrap interval) per batch size."""
+    metric = teacher.main_metric
+    sizes = batch_sizes(*forms.values())
+    headers = ["form", metric, "retention", "ECE", "MB on disk"]
+    for bs in sizes:
+        headers += [f"b{bs} median (ms)", f"b{bs} p90 (ms)", f"b{bs} speedup [95% CI]"]
+    rows = []
+    for name, r in forms.items():
+        retention = ratio_of(r.metrics.get(metric), teacher.metrics.get(metric))
+        row = [name, fmt(r.metrics.get(metric), 4), fmt(None if retention is None else 100 * retention, 1, "%"),
+               fmt(r.ece, 4), fmt(r.size_mb)]
+        for bs in sizes:
+            entry = (r.latency or {}).get("batch_sizes", {}).get(str(bs), {})
+            row += [fmt(entry.get("median_ms")), fmt(entry.get("p90_ms")),
+                    "1.00x (reference)" if name == (latency or {}).get("reference") else
+                    _speedup_cell(latency, name, bs)]
+        rows.append(row)
+    return headers, rows
+
+
+def _per_class_blocks(forms: dict[str, ModelReport]) -> list[Block]:
+    reports = {name: r.per_class for name, r in forms.items() if r.per_class}
+    if not reports:
+        return []
+    names = list(reports)
+    labels = reports[names[0]]["labels"]
+    headers = ["class", *(f"{n} {k}" for n in names for k in ("precision", "recall", "F1")), "support"]
+    rows = [[label, *(fmt(reports[n]["per_class"][label][k], 4) for n in names for k in ("precision", "recall", "f1")),
+             str(reports[names[0]]["per_class"][label]["support"])] for label in labels]
+    blocks: list[Block] = [("h2", "Per class"), ("table", (headers, rows))]
+    for name in names:
+        matrix = reports[name]["confusion_matrix"]
+        blocks += [("p", f"Confusion matrix of the {name} (rows: true class, columns: predicted)"),
+                   ("table", (["true \\ predicted", *labels], [[label, *map(str, matrix[i])]
+                                                              for i, label in enumerate(labels)]))]
+    return blocks
+
+
+def _provenance_rows(provenance: dict[str, Any]) -> list[list[str]]:
+    versions = provenance.get("versions", {})
+    rows = [["date (UTC)", str(provenance.get("date"))],
+            *([f"{name} version", str(v)] for name, v in versions.items() if v is not None),
+            ["platform", str(provenance.get("platform"))],
+            ["CPU", f"{provenance.get('cpu')} ({provenance.get('logical_cpus')} logical CPUs, "
+                    f"torch threads {provenance.get('torch_threads')})"]]
+    if provenance.get("cuda"):
+        rows.append(["GPU", ", ".join(provenance["cuda"])])
+    rows += [[f"rows: {split}", str(n)] for split, n in provenance.get("data", {}).items()]
+    rows += [[f"wall time: {phase}", f"{seconds:.1f} s"] for phase, seconds in provenance.get("phases", {}).items()]
+    rows.append(["command", str(provenance.get("command"))])
+    return rows
+
+
+def _chart_points(forms: dict[str, ModelReport], latency: dict | None, batch_size: int) -> list[dict]:
+    points = []
+    for name, r in forms.items():
+        entry = (r.latency or {}).get("batch_sizes", {}).get(str(batch_size), {})
+        points.append({"name": name, "score": r.metrics.get(r.main_metric), "latency_ms": entry.get("median_ms"),
+                       "low_ms": entry.get("q25_ms"), "high_ms": entry.get("q75_ms")})
+    return points
+
+
+def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config_yaml: str,
+                  history: list[dict[str, Any]] | None, selection: str | None, findings: Findings,
+                  images: dict[str, bytes]) -> list[Block]:
+    """The report's blocks (see the module docstring); ``images``: PNGs by file name, drawn by the caller."""
+    blocks: list[Block] = [("h1", title), *(("warning", line) for line in findings.warnings)]
+    blocks += [("h2", "Teacher vs student"),
+               ("table", as_table(comparison_rows(teacher, student, findings.baseline))),
+               *(("p", line) for line in footer_lines(teacher, student, findings.baseline)),
+               *([("p", selection)] if selection else [])]
+    if len(findings.forms) > 2 or findings.latency:
+        blocks += [("h2", "Deployment forms (measured interleaved in one process)"),
+                   ("table", forms_table(findings.forms, findings.latency, teacher))]
+        if findings.latency:
+            blocks.append(("p", "Speedup = teacher median / form median; the interval is a 95% bootstrap over "
+                                "measurement rounds (each round times every form once, in rotating order, so a "
+                                "load change hits all of them)."))
+            if noise := describe_latency_noise(findings.latency):
+                blocks.append(("warning", noise))
+    if "score-latency.png" in images:
+        blocks += [("h2", f"{teacher.main_metric} vs latency"),
+                   ("image", ("score-latency.png", images["score-latency.png"], "score vs latency"))]
+    blocks += _per_class_blocks({"teacher": teacher, "student": student})
+    if "reliability.png" in images:
+        blocks += [("h2", "Reliability diagram"), ("image", ("reliability.png", images["reliability.png"],
+                                                             "reliability diagram"))]
+    if "training.png" in images:
+        blocks += [("h2", "Training curves"), ("image", ("training.png", images["training.png"], "training curves"))]
+    if history:
+        blocks += [("h2", "Training history"), ("table", history_table(history))]
+    if findings.other_roles:
+        metrics = list(dict.fromkeys(k for r in findings.other_roles.values() for k in r["metrics"]))
+        rows = [[role, *(fmt(r["metrics"].get(m), 4) for m in metrics), fmt(r["ece"], 4)]
+                for role, r in findings.other_roles.items()]
+        blocks += [("h2", "Other teachers and assistants (same split)"), ("table", (["role", *metrics, "ECE"], rows))]
+    if findings.provenance:
+        blocks += [("h2", "Provenance"), ("table", (["", "value"], _provenance_rows(findings.provenance)))]
+        diff = findings.provenance.get("config_diff") or {}
+        blocks += [("h2", "Config (difference from the defaults)"),
+                   ("code", ("yaml", yaml.safe_dump(diff, sort_keys=False) if diff else "# all defaults\n"))]
+    else:
+        blocks.append(("h2", "Config"))
+    blocks.append(("details", ("full config", "yaml", config_yaml)))
+    return blocks
+
+
+def draw_images(teacher: ModelReport, student: ModelReport, findings: Findings,
+                history: list[dict[str, Any]] | None = None) -> dict[str, bytes]:
+    """The report's PNGs by file name: reliability (teacher and student), training curves (per phase of
+    ``findings.histories``, else of ``history``), score vs latency."""
+    images: dict[str, bytes] = {}
+    if teacher.reliability is not None and student.reliability is not None:
+        names = (teacher.name, student.name) if teacher.name != student.name else ("teacher", "student")
+        images["reliability.png"] = reliability_png({names[0]: teacher.reliability, names[1]: student.reliability})
+    metric_names = list(dict.fromkeys([*teacher.metrics, *student.metrics]))
+    histories = findings.histories or ({"training": history} if history else {})
+    if histories and (png := training_curves_png(histories, metric_names)) is not None:
+        images["training.png"] = png
+    forms = findings.forms or {"teacher": teacher, "student": student}
+    sizes = batch_sizes(*forms.values())
+    if sizes:
+        points = _chart_points(forms, findings.latency, sizes[-1])
+        if any(p["score"] is not None and p["latency_ms"] for p in points):
+            images["score-latency.png"] = score_latency_png(points, teacher.main_metric, sizes[-1],
+                                                            findings.greater_is_better)
+    return images
+
+
+def write_report(run_dir: str | Path, teacher: ModelReport, student: ModelReport, title: str, config_yaml: str,
+                 history: list[dict[str, Any]] | None = None, selected_on: str | None = None,
+                 reported_on: str | None = None, findings: Findings | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the PNGs they show (``reliability.png``, ``training.png``,
+    ``score-latency.png``, each when there is something to draw) into ``run_dir``, each atomically.
+
+    ``history``: the training log (one dict per epoch). ``selected_on``/``reported_on``: the selection
+    and reported splits (``Task.describe_split``), one line under the table. Returns ``{"markdown": path,
+    "html": path}`` plus each image's stem (``"reliability"``, ...) -> path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    findings = findings or Findings()
+    images = draw_images(teacher, student, findings, history)
+    paths = {Path(name).stem: atomic_write_bytes(run_dir / name, png) for name, png in images.items()}
+    blocks = report_blocks(teacher, student, title, config_yaml, history, selection_line(selected_on, reported_on),
+                           findings, images)
+    paths["markdown"] = atomic_write_text(run_dir / "report.md", render_markdown(blocks))
+    paths["html"] = atomic_write_text(run_dir / "report.html", render_html(blocks, title))
+    return paths

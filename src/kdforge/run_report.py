@@ -1,0 +1,182 @@
+"""Evaluate a run's models in every deployment form and write its report.
+
+For a finished run (or a re-evaluation of one): the primary teacher and the student as PyTorch
+models and, with ``export.onnx``, as ONNX fp32 (``exports/teacher.onnx``, ``exports/student.onnx``)
+and the student as int8 (``exports/student.int8.onnx``, ``export.int8``); each form scored on the
+reported split, then all timed interleaved; the majority-class baseline on the same split; sanity
+warnings; per-class scores; training curves; provenance. Writes ``report.md``/``report.html`` (+ PNGs)
+and, last, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdforge.config import STUDENT, JobConfig, dump_config
+from kdforge.evaluation.evaluate import Form, evaluate_forms, onnx_form, pytorch_form
+from kdforge.evaluation.report import ModelReport, comparison_summary, format_table
+from kdforge.evaluation.report_page import Findings, write_report
+from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
+from kdforge.io import atomic_write_json, read_json
+from kdforge.models.adapter import ModelAdapter
+from kdforge.models.loading import LoadedModel
+from kdforge.tasks.base import Task
+
+log = logging.getLogger("kdforge")
+
+EXPORTS = "exports"
+
+
+def export_paths(run_dir: Path) -> dict[str, Path]:
+    """The ONNX files of a run by form name."""
+    folder = Path(run_dir) / EXPORTS
+    return {"teacher onnx fp32": folder / "teacher.onnx", "student onnx fp32": folder / "student.onnx",
+            "student onnx int8": folder / "student.int8.onnx"}
+
+
+def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run_dir: Path) -> dict[str, Path]:
+    """The ONNX (and int8) files that ``config.export`` asks for, written now; ``{form name: path}``."""
+    if not config.export.onnx:
+        return {}
+    from kdforge.deploy.onnx_export import export_onnx
+    from kdforge.deploy.quantize import quantize_int8
+
+    paths = export_paths(run_dir)
+    paths["teacher onnx fp32"].parent.mkdir(parents=True, exist_ok=True)
+    for name, loaded in (("teacher onnx fp32", teacher), ("student onnx fp32", student)):
+        log.info("exporting the %s to %s", name.split()[0], paths[name])
+        export_onnx(loaded, paths[name], opset=config.export.opset)
+    if not config.export.int8:
+        del paths["student onnx int8"]
+        return paths
+    log.info("quantizing the student to int8: %s", paths["student onnx int8"])
+    quantize_int8(paths["student onnx fp32"], paths["student onnx int8"])
+    return paths
+
+
+def build_forms(config: JobConfig, task: Task, teacher: LoadedModel, student: LoadedModel,
+                onnx_files: dict[str, Path]) -> list[Form]:
+    """Teacher and student in PyTorch, then every ONNX file given (the teacher first: the reference)."""
+    forms = [pytorch_form("teacher", teacher, task, config.eval), pytorch_form("student", student, task, config.eval)]
+    for name, path in onnx_files.items():
+        forms.append(onnx_form(name, path, teacher if name.startswith("teacher") else student, task, config.eval))
+    return forms
+
+
+def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:
+    scores = majority_baseline(task, task.split("train"), data, config.eval.ece_bins)
+    if scores is None:
+        return None
+    name = "majority class" if task.problem_type == "classification" else "training mean"
+    return ModelReport(name=name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece, params=0,
+                       size_mb=0.0, latency={}, reliability=None)
+
+
+def phase_histories(config: JobConfig, run_dir: Path, history: list[dict] | None,
+                    teacher_dirs: dict[str, Path]) -> dict[str, list[dict]]:
+    """Training history per phase: each fine-tuned teacher's (``finetune.json``) and each stage's."""
+    phases: dict[str, list[dict]] = {}
+    for role, folder in teacher_dirs.items():
+        meta = folder / "finetune.json"
+        if meta.is_file():
+            phases[f"{role} fine-tune"] = read_json(meta, f"delete {folder} to fine-tune again").get("history", [])
+    for entry in history or []:
+        phases.setdefault(f"stage {entry.get('stage', config.all_stages()[-1].name)}", []).append(entry)
+    return phases
+
+
+def data_sizes(task: Task) -> dict[str, int]:
+    sizes = {"train": len(task.split("train"))}
+    if task.selection_split != task.eval_split:
+        sizes[task.selection_split] = len(task.split(task.selection_split))
+    sizes[f"{task.eval_split} (reported)"] = len(task.split(task.eval_split))
+    return sizes
+
+
+def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], teacher_role: str, out_dir: Path,
+                 history: list | None, provenance: dict[str, Any], teacher_dirs: dict[str, Path],
+                 onnx_files: dict[str, Path]) -> dict[str, Any]:
+    """Score every form, time them interleaved, write the report into ``out_dir``; returns what
+    ``metrics.json`` holds (written last by the caller's :func:`write_metrics`)."""
+    data = task.split(task.eval_split)
+    forms = build_forms(config, task, models[teacher_role], models[STUDENT], onnx_files)
+    reports, timing = evaluate_forms(forms, task, data, config.eval)
+    teacher, student = reports["teacher"], reports["student"]
+    baseline = baseline_report(task, data, config)
+    baseline_main = baseline.metrics.get(task.main_metric) if baseline else None
+    counts = {n: r.per_class["predicted_counts"] for n, r in reports.items() if r.per_class}
+    warnings = sanity_warnings({n: r.to_dict() for n, r in reports.items()}, baseline_main, task.main_metric,
+                               task.greater_is_better, counts, split=task.eval_split, label_names=task.label_names)
+    others = {}
+    for role, loaded in models.items():
+        if role not in (teacher_role, STUDENT):
+            scores = task.evaluate(ModelAdapter(loaded.model), data, task.collator(loaded.tokenizer),
+                                   config.eval.batch_size)
+            others[role] = {"metrics": scores.metrics, "ece": scores.ece}
+    splits = {"selected_on": task.describe_split(task.selection_split),
+              "reported_on": task.describe_split(task.eval_split)}
+    provenance = {**provenance, "data": data_sizes(task)}
+    findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
+                        histories=phase_histories(config, out_dir, history, teacher_dirs), provenance=provenance,
+                        other_roles=others, greater_is_better=task.greater_is_better)
+    write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
+                 history=history, findings=findings, **splits)
+    for line in warnings:
+        log.warning("WARNING: %s", line)
+    return {"task": task.name, "teacher": teacher.to_dict(), "student": student.to_dict(),
+            "comparison": comparison_summary(teacher, student),
+            "exports": {n: r.to_dict() for n, r in reports.items() if n not in ("teacher", "student")},
+            "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
+            "latency": {k: v for k, v in timing.items() if k != "models"}, "other_roles": others,
+            **splits, "provenance": provenance, "history": history or []}
+
+
+def result_table(saved: dict[str, Any]) -> str:
+    """The plain-text table of a ``metrics.json`` (teacher, student, baseline, warnings)."""
+    baseline = saved.get("baseline")
+    return format_table(ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"]),
+                        saved.get("selected_on"), saved.get("reported_on"),
+                        ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or ())
+
+
+def write_metrics(out_dir: Path, saved: dict[str, Any]) -> Path:
+    """``metrics.json`` (last: in a run folder it marks a finished run)."""
+    return atomic_write_json(Path(out_dir) / "metrics.json", saved)
+
+
+def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Median, p90 and speedup over the reference [95% interval] per form and batch size of an
+    :func:`kdforge.evaluation.latency.interleaved_latency` result."""
+    sizes = sorted({int(bs) for m in timing["models"].values() for bs in m["batch_sizes"]})
+    headers = ["form", *(h for bs in sizes for h in (f"b{bs} median (ms)", f"b{bs} p90 (ms)", f"b{bs} speedup"))]
+    rows = []
+    for name, measured in timing["models"].items():
+        row = [name]
+        for bs in sizes:
+            entry = measured["batch_sizes"][str(bs)]
+            speed = timing["speedup"].get(name, {}).get(str(bs))
+            row += [f"{entry['median_ms']:.2f}", f"{entry['p90_ms']:.2f}",
+                    "reference" if speed is None else f"{speed['ratio']:.2f}x [{speed['low']:.2f}-{speed['high']:.2f}]"]
+        rows.append(row)
+    return headers, rows
+
+
+def write_student_card(config: JobConfig, task: Task, run_dir: Path, saved: dict[str, Any]) -> Path:
+    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.model_card`)."""
+    from kdforge.model_card import write_model_card
+
+    teacher_spec = next(iter(config.teacher_configs().values()))
+    student = config.student.model_dump(exclude_defaults=True)
+    described = ", ".join(f"{k}: {v}" for k, v in student.items()) or "the teacher's architecture"
+    pipeline_tag = {"language_modeling": "text-generation"}.get(task.problem_type) or (
+        "image-classification" if task.modality == "image" else "text-classification")
+    return write_model_card(
+        run_dir / STUDENT, task_name=task.name, metrics=saved["student"]["metrics"],
+        teacher_metrics=saved["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_spec.model,
+        objectives=list(dict.fromkeys(o.name for s in config.all_stages() for o in s.objectives)),
+        student_description=f"built from the teacher ({described})", params=saved["student"]["params"],
+        size_mb=saved["student"]["size_mb"], latency_ms=saved["student"]["latency"].get("batch_sizes"),
+        label_names=list(task.label_names) or None, base_model=teacher_spec.model,
+        command=saved["provenance"]["command"], pipeline_tag=pipeline_tag)

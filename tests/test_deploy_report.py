@@ -1,0 +1,177 @@
+"""A run's deployment forms, report and the commands around it, end to end on tiny models:
+ONNX and int8 exports evaluated beside the PyTorch models, interleaved latency, the baseline row and
+sanity warnings, provenance, the model card, dated re-evaluations, bench-latency and compare."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.metadata
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdforge import cli, jobs
+from kdforge.config import validate_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, sentiment_dir, tiny_teacher_dir) -> Path:
+    """One finished distill run with export.onnx and export.int8 (shared by the tests below: read only)."""
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    tree = {
+        "task": {"name": "csv", "train_file": str(sentiment_dir / "train.csv"),
+                 "dev_file": str(sentiment_dir / "dev.csv"), "max_length": 16},
+        "teacher": {"model": str(tiny_teacher_dir), "finetune": {"epochs": 3, "lr": 3e-3, "batch_size": 16}},
+        "student": {"layers": [0, 3]},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, "device": "cpu"},
+        "eval": {"latency_batch_sizes": [1, 4], "latency_seq_len": 16, "latency_repeats": 3, "latency_warmup": 1},
+        "export": {"onnx": True, "int8": True},
+        "output_dir": str(out),
+    }
+    jobs.run_distill(validate_config(tree))
+    return out
+
+
+def test_every_form_is_exported_scored_and_timed(exported_run):
+    run = exported_run
+    for name in ("exports/teacher.onnx", "exports/student.onnx", "exports/student.int8.onnx", "student/README.md",
+                 "report.html", "score-latency.png", "training.png", "reliability.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    forms = saved["exports"]
+    assert set(forms) == {"teacher onnx fp32", "student onnx fp32", "student onnx int8"}
+    # parity: the fp32 ONNX files score exactly like the PyTorch models they came from
+    assert forms["student onnx fp32"]["metrics"] == pytest.approx(saved["student"]["metrics"], abs=1e-9)
+    assert forms["teacher onnx fp32"]["metrics"] == pytest.approx(saved["teacher"]["metrics"], abs=1e-9)
+    assert forms["student onnx fp32"]["ece"] == pytest.approx(saved["student"]["ece"], abs=1e-4)
+    # int8 weights: the file is several times smaller than the fp32 one
+    assert forms["student onnx int8"]["size_mb"] < 0.5 * forms["student onnx fp32"]["size_mb"]
+    # one interleaved measurement, the teacher its reference: every other form has a speedup with an interval
+    latency = saved["latency"]
+    assert latency["reference"] == "teacher"
+    assert set(latency["speedup"]) == {"student", *forms}
+    for per_bs in latency["speedup"].values():
+        assert set(per_bs) == {"1", "4"}
+        for entry in per_bs.values():
+            assert entry["low"] <= entry["ratio"] <= entry["high"]
+    assert saved["student"]["latency"]["repeats"] == 3 and saved["student"]["latency"]["interleaved"]
+    # the speedup of the summary is the interleaved one
+    assert saved["comparison"]["speedup"]["4"] == pytest.approx(latency["speedup"]["student"]["4"]["ratio"])
+
+
+def _labels(path: Path) -> list[str]:
+    with path.open() as f:
+        return [row["label"] for row in csv.DictReader(f)]
+
+
+def test_report_has_baseline_per_class_provenance_and_plots(exported_run, sentiment_dir):
+    saved = json.loads((exported_run / "metrics.json").read_text())
+    # the majority-class baseline on the same 64 dev rows: the share of the most frequent training label
+    train, dev = _labels(sentiment_dir / "train.csv"), _labels(sentiment_dir / "dev.csv")
+    majority = Counter(train).most_common(1)[0][0]
+    baseline = saved["baseline"]
+    assert baseline["name"] == "majority class"
+    assert baseline["metrics"]["accuracy"] == pytest.approx(dev.count(majority) / len(dev))
+    assert saved["warnings"] == []  # the tiny teacher learned its keyword rule
+    per_class = saved["student"]["per_class"]
+    matrix = per_class["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 64
+    assert sum(matrix[i][i] for i in range(len(matrix))) / 64 == pytest.approx(saved["student"]["metrics"]["accuracy"])
+    provenance = saved["provenance"]
+    assert provenance["versions"]["torch"] == importlib.metadata.version("torch")
+    assert provenance["data"] == {"train": 256, "dev (reported)": 64}
+    assert {"training stages", "export", "evaluation"} <= set(provenance["phases"])
+    assert provenance["config_diff"]["export.onnx"] is True and provenance["config_diff"]["student"]["layers"] == [0, 3]
+    # the history holds each loss term's epoch mean (ce and hinton_kd of the default objectives)
+    assert {"loss:ce", "loss:hinton_kd"} <= set(saved["history"][0])
+    page = (exported_run / "report.html").read_text()
+    for words in ("Deployment forms", "student onnx int8", "speedup [95% CI]", "majority class", "Per class",
+                  "Confusion matrix", "Provenance", "<details><summary>full config", 'alt="training curves"',
+                  'alt="score vs latency"'):
+        assert words in page, words
+
+
+def test_model_card_and_pipeline(exported_run):
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    card = ModelCard.load(exported_run / "student" / "README.md")
+    saved = json.loads((exported_run / "metrics.json").read_text())
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["accuracy"] == pytest.approx(saved["student"]["metrics"]["accuracy"])
+    classify = pipeline("text-classification", model=str(exported_run / "student"), device="cpu")
+    assert classify("a great film")[0]["label"] in {"LABEL_0", "LABEL_1", "neg", "pos", "0", "1",
+                                                    *classify.model.config.id2label.values()}
+
+
+def test_eval_writes_a_new_dated_folder_and_keeps_the_run(exported_run, capsys):
+    before = (exported_run / "metrics.json").read_bytes()
+    assert cli.main(["eval", str(exported_run), "--set", "eval.latency_repeats=2"]) == 0
+    assert cli.main(["eval", str(exported_run), "--set", "eval.latency_repeats=2"]) == 0
+    folders = sorted((exported_run / "evaluations").iterdir())
+    assert len(folders) == 2 and all((f / "metrics.json").is_file() and (f / "report.html").is_file()
+                                     for f in folders)
+    assert (exported_run / "metrics.json").read_bytes() == before
+    again = json.loads((folders[-1] / "metrics.json").read_text())
+    assert again["student"]["metrics"] == json.loads(before)["student"]["metrics"]
+    assert set(again["exports"]) == {"teacher onnx fp32", "student onnx fp32", "student onnx int8"}  # found on disk
+    assert "evaluations" in capsys.readouterr().out
+
+
+def test_bench_latency_re_measures_every_form(exported_run, capsys):
+    assert cli.main(["bench-latency", str(exported_run), "--set", "eval.latency_repeats=2"]) == 0
+    [folder] = list((exported_run / "latency").iterdir())
+    measured = json.loads((folder / "latency.json").read_text())
+    assert set(measured["models"]) == {"teacher", "student", "teacher onnx fp32", "student onnx fp32",
+                                       "student onnx int8"}
+    assert measured["models"]["student"]["repeats"] == 2
+    assert "student onnx int8" in capsys.readouterr().out and (folder / "latency.md").is_file()
+
+
+def test_compare_two_runs(exported_run, tmp_path, capsys):
+    other = tmp_path / "other"
+    tree = validate_config(json.loads(json.dumps(_config_tree(exported_run)))).model_dump()
+    tree.update(output_dir=str(other), export={"onnx": False, "int8": False})
+    tree["student"]["layers"] = [0]
+    jobs.run_distill(validate_config(tree))
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", str(exported_run), str(other), "--out", str(out)]) == 0
+    page = (out / "compare.html").read_text()
+    assert "student.layers" in page and "export.onnx" in page and "<img" in page
+    assert str(out / "compare.html") in capsys.readouterr().out
+
+
+def _config_tree(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_a_teacher_that_answers_one_class_is_flagged(tmp_path, job_tree, tiny_teacher_dir, capsys):
+    """The issue's MRPC case: a teacher that predicts the same class for every row must not be reported as
+    a success (its retention would read 100%): a warning heads the report, the table and the log."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    stuck = tmp_path / "stuck_teacher"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([50.0, -50.0]))
+    model.save_pretrained(stuck)
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(stuck)
+    tree = copy.deepcopy(job_tree)
+    tree["teacher"] = {"model": str(stuck)}
+    tree["train"]["epochs"] = 1
+    result = jobs.run_distill(validate_config(tree))
+    saved = json.loads((Path(tree["output_dir"]) / "metrics.json").read_text())
+    assert any(w.startswith("teacher predicts") and "for all 64 rows" in w for w in saved["warnings"])
+    assert any(w.startswith("teacher: accuracy") and "no better than the majority-class baseline" in w
+               for w in saved["warnings"])
+    assert result.table.startswith("WARNING: ")
+    report = (Path(tree["output_dir"]) / "report.md").read_text().splitlines()
+    assert report[2].startswith("**Warning: teacher")  # right under the title
