@@ -91,7 +91,7 @@ def test_report_has_baseline_per_class_provenance_and_plots(exported_run, sentim
     # the history holds each loss term's epoch mean (ce and hinton_kd of the default objectives)
     assert {"loss:ce", "loss:hinton_kd"} <= set(saved["history"][0])
     page = (exported_run / "report.html").read_text()
-    for words in ("Deployment forms", "student onnx int8", "speedup [95% CI]", "majority class", "Per class",
+    for words in ("Every model and form", "student onnx int8", "speedup [95% CI]", "majority class", "Per class",
                   "Confusion matrix", "Provenance", "<details><summary>full config", 'alt="training curves"',
                   'alt="score vs latency"'):
         assert words in page, words

@@ -14,7 +14,7 @@ from torch import nn
 
 import kdforge.io as kio
 from kdforge.evaluation import latency as latency_mod
-from kdforge.evaluation.calibration import expected_calibration_error, plot_reliability, reliability_bins
+from kdforge.evaluation.calibration import expected_calibration_error, reliability_bins
 from kdforge.evaluation.latency import image_inputs, measure_latency, model_latency, text_inputs
 from kdforge.evaluation.report import (
     ModelReport,
@@ -97,16 +97,6 @@ def test_ece_rejects_bad_input():
         expected_calibration_error(TOY_PROBS, np.array([0, 1]))
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(TOY_PROBS, TOY_LABELS, n_bins=0)
-
-
-def test_plot_reliability_writes_png(tmp_path):
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(3), size=50)
-    labels = rng.integers(0, 3, size=50)
-    path = plot_reliability({"teacher": reliability_bins(probs, labels), "student": reliability_bins(
-        TOY_PROBS, TOY_LABELS)}, tmp_path / "rel.png")
-    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert [p.name for p in tmp_path.iterdir()] == ["rel.png"]
 
 
 # --------------------------------------------------------------------------- latency

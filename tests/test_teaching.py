@@ -67,6 +67,10 @@ STRATEGY_JOBS = {
     "ces_kd": lambda f: {**three_teachers(f), "stages": [{
         "name": "distill", "objectives": [{"name": "ce", "weight": 0.5}], "teachers": ["cnn", "r8b", "r8a"],
         "strategy": {"name": "ces_kd", "kd_weight": 0.5}}]},
+    "amal": lambda f: {**three_teachers(f), "stages": [{
+        "name": "distill", "objectives": [{"name": "ce", "weight": 0.5},
+                                          {"name": "hinton_kd", "weight": 0.5, "temperature": 2.0, "teacher": "r8a"}],
+        "strategy": {"name": "amal", "meta_lr": 2000.0}}]},
     "takd": lambda f: {"teacher": {"model": f["r8a"]}, "assistants": {"ta": {"model": "vision:resnet8"}},
                        "stages": [{"name": "assistant", "learner": "ta", "teachers": ["teacher"],
                                    "objectives": [{"name": "ce", "weight": 0.5},
@@ -107,7 +111,7 @@ def test_every_strategy_runs_and_resumes_exactly_after_a_kill(tmp_path, digit_te
     else:  # the primary teacher is in the table, the other two beside it
         assert set(metrics["other_roles"]) == {"r8b", "cnn"}
     report = (tmp_path / "ref/report.md").read_text()
-    assert "## Other teachers and assistants (same split)" in report
+    assert "## Every model and form (measured interleaved in one process)" in report
     assert all(f"| {role} |" in report for role in metrics["other_roles"])
 
 
@@ -148,9 +152,9 @@ def test_roles_are_checked_before_training(job_tree):
     with pytest.raises(KDForgeError, match="multi_teacher needs 2 or more teachers"):
         check_stages(validate_config({**job_tree, "stages": [{"name": "s", "objectives": [{"name": "ce"}],
                                                               "strategy": {"name": "multi_teacher"}}]}))
-    with pytest.raises(KDForgeError, match="unknown strategy 'dml'"):
+    with pytest.raises(KDForgeError, match="unknown strategy 'nope'"):
         check_stages(validate_config({**job_tree, "stages": [{"name": "s", "objectives": [{"name": "ce"}],
-                                                              "strategy": {"name": "dml"}}]}))
+                                                              "strategy": {"name": "nope"}}]}))
     with pytest.raises(KDForgeError, match="weighting"):
         check_stages(validate_config({**two, "stages": [{"name": "s", "objectives": [{"name": "ce"}],
                                                          "strategy": {"name": "multi_teacher", "weighting": "x"}}]}))

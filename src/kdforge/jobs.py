@@ -24,7 +24,7 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.preflight import check_job
 from kdforge.processes import launch_rank
 from kdforge.provenance import PhaseTimer, collect_provenance
-from kdforge.recipes.catalog import check_stages
+from kdforge.recipes.catalog import check_stages, strategy_for
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
 from kdforge.run_folder import PREVIOUS_RUN, finish_run, log_file, prepare_output_dir, restore_previous_run
@@ -159,13 +159,25 @@ def load_models(config: JobConfig, task: Task, resume: bool = False) -> dict[str
     primary = models[primary_teacher(config)]
     texts = training_texts(config, task) if any(
         s.vocab_fraction for s in [config.student, *config.assistants.values()]) else None
-    for role, spec in {STUDENT: config.student, **config.assistants}.items():
-        seed_everything(config.train.seed)
+    for offset, (role, spec) in enumerate({STUDENT: config.student, **config.assistants}.items()):
+        seed_everything(config.train.seed + offset)  # each assistant its own fresh parts (born-again generations)
         models[role] = build_student(spec, primary, task, texts if spec.vocab_fraction else None)
     return models
 
 
 # ---------------------------------------------------------------------------- distill
+
+
+def trained_roles(config: JobConfig) -> list[str]:
+    """The roles besides the student that a stage trains: assistants that learn in a stage, and teachers
+    trained with their learner by an online strategy (DML, BD-KD online); exported to ``models/<role>/``."""
+    roles: dict[str, None] = {}
+    for index, stage in enumerate(config.all_stages()):
+        roles[stage.learner] = None
+        if strategy_for(stage, index).trains_teachers:
+            roles.update(dict.fromkeys(config.stage_teachers(stage)))
+    roles.pop(STUDENT, None)
+    return list(roles)
 
 
 def finished_result(config: JobConfig, run_dir: Path) -> RunResult | None:
@@ -214,6 +226,8 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
                 return None  # type: ignore[return-value]
             with timer.phase("export"):
                 export_model(models[STUDENT], run_dir / "student")
+                for role in trained_roles(config):
+                    export_model(models[role], run_dir / "models" / role)
                 onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run_dir)
             result = report_run(config, task, models, run_dir, history, timer, onnx_files)
             finish_run(config, run_dir)
@@ -266,11 +280,17 @@ def finished_run(target: str | Path, overrides=None) -> tuple[JobConfig, Path]:
 
 
 def run_models(config: JobConfig, run_dir: Path, task: Task) -> dict[str, LoadedModel]:
-    """A finished run's teachers (fine-tuned ones from their folders) and its exported student."""
+    """A finished run's models: teachers from their fine-tuned folders (or their config), every role a
+    stage trained from ``models/<role>/``, and the exported student."""
     models = {}
     for role, spec in config.teacher_configs().items():
         folder = teacher_dir(run_dir, role) / "model"
         models[role] = load_model(str(folder) if folder.is_dir() else spec.model, task)
+    for role in trained_roles(config):
+        folder = run_dir / "models" / role
+        if not folder.is_dir():
+            raise KDForgeError(f"{folder} does not exist (the run trained {role}); distill again with --overwrite")
+        models[role] = load_model(str(folder), task, role)
     models[STUDENT] = load_model(str(run_dir / "student"), task, "student")
     return models
 
@@ -322,7 +342,7 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     task = build_task(config.task)
     models = run_models(config, run_dir, task)
     onnx_files = {name: p for name, p in export_paths(run_dir).items() if p.is_file()}
-    forms = build_forms(config, task, models[primary_teacher(config)], models[STUDENT], onnx_files)
+    forms = build_forms(config, task, models, primary_teacher(config), onnx_files)
     log.info("timing %s interleaved: %d rounds per batch size %s", ", ".join(f.name for f in forms),
              config.eval.latency_repeats, config.eval.latency_batch_sizes)
     timing = time_forms(forms, config.eval)

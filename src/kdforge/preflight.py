@@ -188,10 +188,14 @@ def check_trackers(config: JobConfig) -> None:
 
 
 def check_exports(config: JobConfig) -> None:
-    """ONNX export is for classifiers and regressors (text and vision), not language models."""
+    """ONNX export and the sharpness measure are for classifiers and regressors (text and vision), not
+    language models."""
     from kdforge.tasks.base import TASKS
 
     task_class = TASKS.get(config.task.name, "task.name")
+    if config.eval.sharpness and getattr(task_class, "problem_type", None) == "language_modeling":
+        raise KDForgeError(f"eval.sharpness: task {config.task.name} trains a language model, whose sharpness "
+                           "kdforge does not measure; set eval.sharpness: false")
     if config.export.onnx and getattr(task_class, "problem_type", None) == "language_modeling":
         raise KDForgeError(f"export.onnx: task {config.task.name} trains a language model, which kdforge does not "
                            "export to ONNX (sequence classifiers and vision nets only); set export.onnx: false")

@@ -11,6 +11,7 @@ Layout (``output_dir``)::
     stages/              per finished stage of a multi-stage recipe: history and learner snapshot
     metrics.json         teacher and student reports + comparison (+ the other roles' scores); written
                          last: its presence marks a finished run
+    models/<role>/       every other model a stage trained (assistants, online peers), exported like the student
     exports/             teacher.onnx, student.onnx, student.int8.onnx (export.onnx / export.int8)
     report.md/.html      the same as a document (warnings, baseline, every form, per-class scores, plots,
                          provenance), with its PNGs (reliability, training curves, score vs latency)
@@ -67,8 +68,9 @@ def log_file(run_dir: Path) -> Iterator[None]:
 
 
 #: a finished run's results: what ``--overwrite`` replaces (moved into PREVIOUS_RUN until the new ones exist)
-RESULTS = ("config.yaml", "student", "student-compact", "exports", "report.md", "report.html", "reliability.png",
-           "training.png", "score-latency.png", "evaluations", "latency", "stages", "checkpoints", "metrics.json")
+RESULTS = ("config.yaml", "student", "student-compact", "models", "exports", "report.md", "report.html",
+           "reliability.png", "training.png", "score-latency.png", "evaluations", "latency", "stages", "checkpoints",
+           "metrics.json")
 PREVIOUS_RUN = ".previous-run"
 
 

@@ -20,7 +20,6 @@ from kdforge.evaluation.report import ModelReport, comparison_summary, format_ta
 from kdforge.evaluation.report_page import Findings, write_report
 from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
 from kdforge.io import atomic_write_json, read_json
-from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel
 from kdforge.tasks.base import Task
 
@@ -56,13 +55,31 @@ def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel,
     return paths
 
 
-def build_forms(config: JobConfig, task: Task, teacher: LoadedModel, student: LoadedModel,
+def build_forms(config: JobConfig, task: Task, models: dict[str, LoadedModel], teacher_role: str,
                 onnx_files: dict[str, Path]) -> list[Form]:
-    """Teacher and student in PyTorch, then every ONNX file given (the teacher first: the reference)."""
+    """The primary teacher and the student in PyTorch, every ONNX file given, then the job's other roles
+    (teachers, assistants, peers) in PyTorch; the teacher first: the speedups' reference."""
+    teacher, student = models[teacher_role], models[STUDENT]
     forms = [pytorch_form("teacher", teacher, task, config.eval), pytorch_form("student", student, task, config.eval)]
     for name, path in onnx_files.items():
         forms.append(onnx_form(name, path, teacher if name.startswith("teacher") else student, task, config.eval))
+    forms += [pytorch_form(role, loaded, task, config.eval) for role, loaded in models.items()
+              if role not in (teacher_role, STUDENT)]
     return forms
+
+
+def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task, models: dict[str, LoadedModel],
+                  teacher_role: str) -> None:
+    """Each PyTorch model's sharpness (top Hessian eigenvalue of its training loss on a fixed sample of
+    training rows, :func:`kdforge.evaluation.sharpness.model_sharpness`); ONNX forms share their model's."""
+    from kdforge.evaluation.sharpness import model_sharpness
+
+    train = task.split("train")
+    for name, role in (("teacher", teacher_role), ("student", STUDENT),
+                       *((r, r) for r in models if r not in (teacher_role, STUDENT))):
+        log.info("sharpness of the %s: %d power iterations on %d training rows", name,
+                 config.eval.sharpness_iterations, min(config.eval.sharpness_samples, len(train)))
+        reports[name].sharpness = model_sharpness(models[role], task, train, config.eval)["eigenvalue"]
 
 
 def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:
@@ -101,35 +118,34 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     """Score every form, time them interleaved, write the report into ``out_dir``; returns what
     ``metrics.json`` holds (written last by the caller's :func:`write_metrics`)."""
     data = task.split(task.eval_split)
-    forms = build_forms(config, task, models[teacher_role], models[STUDENT], onnx_files)
+    forms = build_forms(config, task, models, teacher_role, onnx_files)
     reports, timing = evaluate_forms(forms, task, data, config.eval)
+    if config.eval.sharpness:
+        add_sharpness(reports, config, task, models, teacher_role)
     teacher, student = reports["teacher"], reports["student"]
     baseline = baseline_report(task, data, config)
     baseline_main = baseline.metrics.get(task.main_metric) if baseline else None
     counts = {n: r.per_class["predicted_counts"] for n, r in reports.items() if r.per_class}
     warnings = sanity_warnings({n: r.to_dict() for n, r in reports.items()}, baseline_main, task.main_metric,
                                task.greater_is_better, counts, split=task.eval_split, label_names=task.label_names)
-    others = {}
-    for role, loaded in models.items():
-        if role not in (teacher_role, STUDENT):
-            scores = task.evaluate(ModelAdapter(loaded.model), data, task.collator(loaded.tokenizer),
-                                   config.eval.batch_size)
-            others[role] = {"metrics": scores.metrics, "ece": scores.ece}
+    roles = {role: reports[role] for role in models if role not in (teacher_role, STUDENT)}
+    exports = {n: r for n, r in reports.items() if n not in ("teacher", "student", *roles)}
     splits = {"selected_on": task.describe_split(task.selection_split),
               "reported_on": task.describe_split(task.eval_split)}
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
                         histories=phase_histories(config, out_dir, history, teacher_dirs), provenance=provenance,
-                        other_roles=others, greater_is_better=task.greater_is_better)
+                        greater_is_better=task.greater_is_better)
     write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
                  history=history, findings=findings, **splits)
     for line in warnings:
         log.warning("WARNING: %s", line)
     return {"task": task.name, "teacher": teacher.to_dict(), "student": student.to_dict(),
             "comparison": comparison_summary(teacher, student),
-            "exports": {n: r.to_dict() for n, r in reports.items() if n not in ("teacher", "student")},
+            "exports": {n: r.to_dict() for n, r in exports.items()},
+            "other_roles": {n: r.to_dict() for n, r in roles.items()},
             "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
-            "latency": {k: v for k, v in timing.items() if k != "models"}, "other_roles": others,
+            "latency": {k: v for k, v in timing.items() if k != "models"},
             **splits, "provenance": provenance, "history": history or []}
 
 

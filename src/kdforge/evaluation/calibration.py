@@ -18,13 +18,9 @@ so a float64 confidence equal to ``k / M`` lands in bin k exactly.
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from kdforge.io import atomic_write_bytes
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -117,42 +113,3 @@ def _reliability(stats: dict[str, np.ndarray], n_bins: int) -> dict[str, Any]:
         "accuracy": per_bin_mean(stats["correct"]),
         "confidence": per_bin_mean(stats["confidence"]),
     }
-
-
-def plot_reliability(bins_by_model: dict[str, dict[str, Any]], path: str | Path) -> Path:
-    """Draw a reliability diagram and save it as a PNG at ``path`` (written atomically).
-
-    ``bins_by_model`` maps a display name to the output of :func:`reliability_bins`. The top
-    panel shows, per model, the accuracy of each confidence bin as bars side by side, the
-    diagonal of perfect calibration and the model's ECE in the legend; the bottom panel shows
-    the fraction of samples per bin. Rendering uses matplotlib's Agg canvas directly, so no
-    display and no global pyplot state are involved. Returns ``Path(path)``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not bins_by_model:
-        raise ValueError("plot_reliability needs at least one model")
-    fig = Figure(figsize=(6.4, 6.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    n_models = len(bins_by_model)
-    colors = [f"C{i}" for i in range(n_models)]
-    for k, (name, bins) in enumerate(bins_by_model.items()):
-        lower = np.asarray(bins["lower"], dtype=np.float64)
-        width = (np.asarray(bins["upper"], dtype=np.float64) - lower) / n_models
-        left = lower + k * width
-        accuracy = [a if a is not None else 0.0 for a in bins["accuracy"]]
-        fraction = np.asarray(bins["count"], dtype=np.float64) / max(int(bins["n_samples"]), 1)
-        ece = bins.get("ece")
-        label = name if ece is None else f"{name} (ECE {ece:.4f})"
-        top.bar(left, accuracy, width=width, align="edge", color=colors[k], alpha=0.75,
-                edgecolor="black", linewidth=0.4, label=label)
-        bottom.bar(left, fraction, width=width, align="edge", color=colors[k], alpha=0.75)
-    top.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title="Reliability diagram")
-    top.legend(loc="upper left", fontsize="small")
-    bottom.set(xlabel="confidence (max probability)", ylabel="fraction of samples")
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    return atomic_write_bytes(path, buffer.getvalue())

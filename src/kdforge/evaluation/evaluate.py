@@ -107,10 +107,3 @@ def evaluate_forms(forms: list[Form], task, data, config: EvalConfig) -> tuple[d
     for name, report in reports.items():
         report.latency = {**timing["models"][name], "interleaved": True}
     return reports, timing
-
-
-def evaluate_model(name: str, loaded: LoadedModel, task, data, config: EvalConfig,
-                   device: str | torch.device = "cpu") -> ModelReport:
-    """One PyTorch model measured alone (its latency timed on its own)."""
-    reports, _ = evaluate_forms([pytorch_form(name, loaded, task, config)], task, data, config)
-    return reports[name]

@@ -34,6 +34,7 @@ class ModelReport:
     latency:     the dict returned by ``measure_latency`` (or one model's entry of ``interleaved_latency``);
                  reliability: the dict returned by ``reliability_bins``, or ``None``.
     per_class:   ``kdforge.evaluation.sanity.per_class_report`` (classification), or ``None``.
+    sharpness:   the top eigenvalue of the training-loss Hessian (``kdforge.evaluation.sharpness``), or ``None``.
     """
 
     name: str
@@ -45,6 +46,7 @@ class ModelReport:
     latency: dict[str, Any]
     reliability: dict[str, Any] | None = None
     per_class: dict[str, Any] | None = None
+    sharpness: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A deep, JSON-serialisable copy of all fields."""

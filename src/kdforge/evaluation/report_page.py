@@ -42,13 +42,13 @@ class Findings:
     """What a report shows beyond teacher vs student (every field optional).
 
     baseline:   the majority-class (mean, for regression) model's scores on the reported split.
-    forms:      every deployment form by name (``"teacher"``, ``"student"``, ``"student onnx int8"``, ...).
+    forms:      every measured model by name: ``"teacher"``, ``"student"``, the ONNX forms (``"student onnx
+                int8"``, ...) and the job's other roles (teachers, assistants, peers) in PyTorch.
     latency:    the :func:`kdforge.evaluation.latency.interleaved_latency` result (speedups, load, noise).
     warnings:   sanity lines shown at the top.
     histories:  training history per phase (``"teacher fine-tune"``, ``"stage distill"``).
     provenance: :func:`kdforge.provenance.collect_provenance` plus ``phases`` (wall seconds) and ``data``
                 (rows per split).
-    other_roles: ``{role: {"metrics": {...}, "ece": x}}`` of the job's other teachers and assistants.
     """
 
     baseline: ModelReport | None = None
@@ -57,7 +57,6 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     provenance: dict[str, Any] | None = None
-    other_roles: dict[str, dict[str, Any]] = field(default_factory=dict)
     greater_is_better: bool = True
 
 
@@ -69,18 +68,19 @@ def _speedup_cell(latency: dict | None, name: str, batch_size: int) -> str:
 
 
 def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: ModelReport) -> tuple[list, list]:
-    """One row per deployment form: score, retention, ECE, MB, median and p90 ms and the speedup over
+    """One row per form: score, retention, ECE, [sharpness,] MB, median and p90 ms and the speedup over
     the teacher (ratio of medians, 95% paired-bootstrap interval) per batch size."""
     metric = teacher.main_metric
     sizes = batch_sizes(*forms.values())
-    headers = ["form", metric, "retention", "ECE", "MB on disk"]
+    sharp = any(r.sharpness is not None for r in forms.values())
+    headers = ["form", metric, "retention", "ECE", *(["sharpness"] if sharp else []), "MB on disk"]
     for bs in sizes:
         headers += [f"b{bs} median (ms)", f"b{bs} p90 (ms)", f"b{bs} speedup [95% CI]"]
     rows = []
     for name, r in forms.items():
         retention = ratio_of(r.metrics.get(metric), teacher.metrics.get(metric))
         row = [name, fmt(r.metrics.get(metric), 4), fmt(None if retention is None else 100 * retention, 1, "%"),
-               fmt(r.ece, 4), fmt(r.size_mb)]
+               fmt(r.ece, 4), *([fmt(r.sharpness, 3)] if sharp else []), fmt(r.size_mb)]
         for bs in sizes:
             entry = (r.latency or {}).get("batch_sizes", {}).get(str(bs), {})
             row += [fmt(entry.get("median_ms")), fmt(entry.get("p90_ms")),
@@ -142,8 +142,11 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
                *(("p", line) for line in footer_lines(teacher, student, findings.baseline)),
                *([("p", selection)] if selection else [])]
     if len(findings.forms) > 2 or findings.latency:
-        blocks += [("h2", "Deployment forms (measured interleaved in one process)"),
+        blocks += [("h2", "Every model and form (measured interleaved in one process)"),
                    ("table", forms_table(findings.forms, findings.latency, teacher))]
+        if any(r.sharpness is not None for r in findings.forms.values()):
+            blocks.append(("p", "sharpness: the largest eigenvalue of the training-loss Hessian on a fixed sample "
+                                "of training rows (power iteration on Hessian-vector products); lower is flatter."))
         if findings.latency:
             blocks.append(("p", "Speedup = teacher median / form median; the interval is a 95% bootstrap over "
                                 "measurement rounds (each round times every form once, in rotating order, so a "
@@ -161,11 +164,6 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
         blocks += [("h2", "Training curves"), ("image", ("training.png", images["training.png"], "training curves"))]
     if history:
         blocks += [("h2", "Training history"), ("table", history_table(history))]
-    if findings.other_roles:
-        metrics = list(dict.fromkeys(k for r in findings.other_roles.values() for k in r["metrics"]))
-        rows = [[role, *(fmt(r["metrics"].get(m), 4) for m in metrics), fmt(r["ece"], 4)]
-                for role, r in findings.other_roles.items()]
-        blocks += [("h2", "Other teachers and assistants (same split)"), ("table", (["role", *metrics, "ECE"], rows))]
     if findings.provenance:
         blocks += [("h2", "Provenance"), ("table", (["", "value"], _provenance_rows(findings.provenance)))]
         diff = findings.provenance.get("config_diff") or {}

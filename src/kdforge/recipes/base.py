@@ -2,8 +2,8 @@
 its parts.
 
 A stage = a data source (``DATA_SOURCES``: task, ptp, corpus) + roles (the learner, the teachers
-it learns from) + a strategy (``STRATEGIES``: offline, multi_teacher, assistant_ensemble, ces_kd)
-whose :class:`~kdforge.engine.step.TrainStep` is the only thing the engine sees. Teachers'
+it learns from) + a strategy (``STRATEGIES``: offline, multi_teacher, assistant_ensemble, ces_kd, dml,
+bdkd_online, sokd, amal) whose :class:`~kdforge.engine.step.TrainStep` is the only thing the engine sees. Teachers'
 outputs come from a teacher source (``kdforge.recipes.teacher_sources``: a live model or the
 cache of a frozen one). Adding a strategy is one file in ``recipes/`` that registers a
 :class:`Strategy` subclass, plus its import in ``recipes/catalog.py``; the engine is untouched.
@@ -65,6 +65,9 @@ class Strategy:
     ``strategy:`` mapping) and implement :meth:`build`."""
 
     Params: ClassVar[type[BaseModel]] = NoParams
+    #: True when the stage's teacher roles are trained with the learner (online KD): they are then
+    #: exported and reported as trained models of the run
+    trains_teachers: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel):
         self.params = params

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from kdforge.config import JobConfig, StageConfig
 from kdforge.objectives.base import objective_params
-from kdforge.recipes import assistant_ensemble, ces_kd, data_sources, multi_teacher, offline  # noqa: F401
+from kdforge.recipes import (  # noqa: F401
+    amal,
+    assistant_ensemble,
+    bdkd_online,
+    ces_kd,
+    data_sources,
+    dml,
+    multi_teacher,
+    offline,
+    sokd,
+)
 from kdforge.recipes.base import DATA_SOURCES, STRATEGIES, Strategy
 
 

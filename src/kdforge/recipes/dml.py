@@ -1,0 +1,218 @@
+"""Deep Mutual Learning: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning" (CVPR 2018).
+
+K >= 2 models learn the task together, each from the labels and from the others' predictions.
+With z_k the logits of model k, p_k = softmax(z_k / T) and y the gold labels, model k minimises
+
+    L_k = CE(y, z_k) + kl_weight * T^2 * 1/(K-1) sum_{l != k} KL(p_l || p_k)        (paper: T = 1)
+
+where every p_l on the target side is DETACHED (a constant for model k), so model k's parameters
+get gradient from L_k only. The paper alternates the updates (model 1 steps on L_1, then model 2
+on L_2 with model 1's new predictions, ...); here the K losses are summed and minimised with one
+backward pass and one optimizer step on all models at once,
+
+    L = sum_k L_k,
+
+the simultaneous version that is the common implementation (one forward of each model per batch).
+Because of the detaching, dL/dtheta_k = dL_k/dtheta_k exactly (``tests/test_online_kd.py``).
+Reduction: cross-entropy averaged over the batch, each KL summed over classes and averaged over
+the batch (``kd_kl_loss``); T^2 keeps the KL's gradient scale when T != 1 (it is 1 at the paper's T).
+Logged terms: ``ce:<role>`` and ``kl:<role>`` for every model (the KL term unweighted).
+
+Roles: ``strategy: {name: dml}`` on a stage; the models are the stage's ``learner`` and every role
+of its ``teachers:`` list (pre-trained teachers, with or without ``finetune``, or ``assistants``
+built like the student, e.g. ``assistants: {peer: {layers: [0, 1]}}`` or
+``{model: vision:resnet8}``); the peers may differ in architecture and size. Unlike the offline
+strategy, the teacher roles are TRAINED: the step holds them as trainable modules (never
+frozen), so the engine's optimizer updates them and its checkpoints hold them (exact resume).
+They always run live, never from the teacher-output cache (``teacher_source: cache`` is refused).
+The job's models are trained in place, so the report scores every role after training.
+
+What is kept: the engine evaluates and keeps the best epoch of ``step.learner`` only (the stage's
+``learner``, exported as the student); the other models keep their LAST-epoch weights.
+
+The loss is the strategy's own: the stage must say ``objectives: []`` (a listed objective would
+be ignored, so it is refused rather than silently dropped). Classification tasks only (the loss
+is on class distributions): regression and language-modelling tasks are refused, as are stages
+on other data than the task's (``data: ptp`` or ``corpus``). The stage must be the recipe's last:
+an earlier stage leaves a snapshot of its learner only, so a resumed recipe would lose the
+peers' training. Text and vision models alike (the ModelAdapter gives both logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from torch import nn
+
+from kdforge.config import JobConfig, StageConfig
+from kdforge.engine.step import TrainStep
+from kdforge.errors import KDForgeError
+from kdforge.models.adapter import ModelAdapter
+from kdforge.models.heads import head_size, replace_head
+from kdforge.objectives.logit import kd_kl_loss
+from kdforge.progress import Progress
+from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
+from kdforge.recipes.teacher_sources import LiveTeacher
+
+log = logging.getLogger("kdforge")
+
+
+# ------------------------------------------------------------------------ shared by online strategies
+
+
+def stage_index(config: JobConfig, stage: StageConfig) -> int:
+    """The position of ``stage`` in the recipe (for config keys in messages)."""
+    stages = config.all_stages()
+    same = [i for i, s in enumerate(stages) if s is stage] or [i for i, s in enumerate(stages) if s == stage]
+    return same[0] if same else 0
+
+
+def task_problem(config: JobConfig) -> str:
+    """classification, regression or language_modeling, from the task's registered class and config."""
+    import kdforge.tasks  # noqa: F401  (fills the task registry)
+    from kdforge.tasks.base import TASKS
+
+    kind = getattr(TASKS.get(config.task.name, "task.name"), "problem_type", "classification")
+    return "regression" if config.task.problem_type == "regression" else kind
+
+
+def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min_peers: int,
+                       max_peers: int | None = None) -> list[str]:
+    """The checks every online strategy (learner and teacher roles trained together) makes before
+    training; returns the peer roles. Raises one KDForgeError line naming the config key to fix."""
+    i = stage_index(config, stage)
+    where = f"stage {stage.name!r} (stages.{i})"
+    if stage.teacher_source == "cache":
+        raise KDForgeError(f"{where}: strategy {strategy} trains its teacher roles with the learner, so their "
+                           f"outputs cannot come from the teacher-output cache; set stages.{i}.teacher_source: "
+                           "live (or auto)")
+    peers = config.stage_teachers(stage)
+    wanted = f"exactly {min_peers}" if max_peers == min_peers else f"{min_peers} or more"
+    if len(peers) < min_peers or (max_peers is not None and len(peers) > max_peers):
+        raise KDForgeError(f"{where}: strategy {strategy} needs {wanted} teacher role(s) trained with the learner "
+                           f"(got {', '.join(peers) or 'none'}); list them in stages.{i}.teachers (a teacher, or an "
+                           "assistant declared under `assistants:`)")
+    if stage.objectives:
+        raise KDForgeError(f"{where}: strategy {strategy} defines its own loss and ignores `objectives`; set "
+                           f"stages.{i}.objectives: [] (and its weights in stages.{i}.strategy)")
+    problem = task_problem(config)
+    if problem != "classification":
+        raise KDForgeError(f"{where}: strategy {strategy} learns class distributions, but task {config.task.name} is "
+                           f"a {problem} task; use a classification task or another strategy (stages.{i}.strategy)")
+    if stage.data != "task":
+        raise KDForgeError(f"{where}: strategy {strategy} trains every model on the task's labels; set "
+                           f"stages.{i}.data: task")
+    if i != len(config.all_stages()) - 1:
+        raise KDForgeError(f"{where}: strategy {strategy} must be the recipe's last stage (a finished earlier stage "
+                           "keeps only its learner's snapshot, so a resumed run would lose the peers' training); "
+                           "move it to the end of `stages`")
+    compressed = [r for r in peers if r in config.assistants and config.assistants[r].vocab_fraction is not None]
+    if compressed:
+        raise KDForgeError(f"{where}: peer {compressed[0]!r} has a compressed vocabulary (assistants.{compressed[0]}."
+                           f"vocab_fraction), which strategy {strategy} does not support for a peer; remove it")
+    return peers
+
+
+def trainable_peers(ctx: StageContext) -> dict[str, nn.Module]:
+    """The stage's teacher roles as LIVE, TRAINABLE sources (never the cache): gradients on, a head
+    of the task's size (replaced, as the stage runner does for the learner, when it differs)."""
+    if not ctx.teachers:
+        raise KDForgeError(f"stage {ctx.stage.name!r}: no teacher role to train with the learner; list one in "
+                           f"stages.{ctx.index}.teachers")
+    peers: dict[str, nn.Module] = {}
+    for role, loaded in ctx.teachers.items():
+        model = loaded.model
+        if head_size(model) != ctx.data.num_labels:
+            log.info("stage %s: peer %s gets a fresh %d-output head", ctx.stage.name, role, ctx.data.num_labels)
+            replace_head(model, ctx.data.num_labels, ctx.data.label_names or None)
+        model.requires_grad_(True)  # it may have been frozen as the teacher of an earlier stage
+        peers[role] = LiveTeacher(ctx.adapter(model, teacher=True), trainable=True)
+    log.info("stage %s: %s trained together with %s (live, not cached)", ctx.stage.name, ", ".join(peers),
+             ctx.learner_role)
+    return peers
+
+
+class PeerStep(TrainStep):
+    """The learner and its peers, all trainable: ``logits(batch)`` runs every model (the learner
+    first, then the peers in the stage's order) and returns their logits by role."""
+
+    def __init__(self, learner_role: str, learner: ModelAdapter, peers: dict[str, nn.Module]):
+        super().__init__()
+        self.learner = learner
+        self.learner_role = learner_role
+        self.peers = nn.ModuleDict(peers)
+
+    def logits(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {self.learner_role: self.learner(batch).logits}
+        out.update({role: peer(batch).logits for role, peer in self.peers.items()})
+        first = out[self.learner_role]
+        for role, z in out.items():
+            if z.dim() != 2 or z.shape != first.shape or z.shape[-1] < 2:
+                raise KDForgeError(f"{role} gives logits of shape {tuple(z.shape)} but {self.learner_role} gives "
+                                   f"{tuple(first.shape)}; every model must score the task's classes (N, C), C >= 2")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- DML
+
+
+def dml_terms(logits: dict[str, torch.Tensor], labels: torch.Tensor, temperature: float
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per model k: (CE(y, z_k), T^2 1/(K-1) sum_{l != k} KL(p_l || p_k)) with every p_l detached."""
+    if len(logits) < 2:
+        raise KDForgeError(f"deep mutual learning needs 2 or more models, got {len(logits)}")
+    k_minus_1 = len(logits) - 1
+    terms = {}
+    for role, z in logits.items():
+        z = z.float()
+        ce = F.cross_entropy(z, labels)
+        kl = sum(kd_kl_loss(z, other.float(), temperature) for r, other in logits.items() if r != role) / k_minus_1
+        terms[role] = (ce, kl)
+    return terms
+
+
+def dml_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, temperature: float = 1.0,
+             kl_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = sum_k [CE(y, z_k) + kl_weight * T^2 1/(K-1) sum_{l != k} KL(p_l || p_k)] and the logged terms."""
+    total, logged = 0.0, {}
+    for role, (ce, kl) in dml_terms(logits, labels, temperature).items():
+        total = total + ce + kl_weight * kl
+        logged[f"ce:{role}"], logged[f"kl:{role}"] = float(ce.detach()), float(kl.detach())
+    return total, logged
+
+
+class DMLParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: PositiveFloat = Field(1.0, description="softmax temperature of the KL terms (paper: 1); "
+                                       "the KL is scaled by T^2")
+    kl_weight: float = Field(1.0, ge=0, description="weight of each model's mimicry (KL) term")
+
+
+class DMLStep(PeerStep):
+    def __init__(self, learner_role: str, learner: ModelAdapter, peers: dict[str, nn.Module], temperature: float,
+                 kl_weight: float):
+        super().__init__(learner_role, learner, peers)
+        self.temperature, self.kl_weight = temperature, kl_weight
+
+    def forward(self, batch: dict[str, Any], progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
+        return dml_loss(self.logits(batch), batch["labels"], self.temperature, self.kl_weight)
+
+
+@STRATEGIES.register("dml")
+class DeepMutualLearning(Strategy):
+    """``strategy: {name: dml, temperature: 1, kl_weight: 1}``: the stage's learner and its
+    ``teachers`` roles learn from the labels and from one another (see the module docstring)."""
+
+    Params = DMLParams
+    trains_teachers = True
+
+    def check(self, config: JobConfig, stage: StageConfig) -> None:
+        check_online_stage(config, stage, "dml", min_peers=1)
+
+    def build(self, ctx: StageContext) -> DMLStep:
+        p = self.params
+        return DMLStep(ctx.learner_role, ctx.adapter(ctx.learner), trainable_peers(ctx), p.temperature, p.kl_weight)
