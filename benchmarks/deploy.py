@@ -21,6 +21,8 @@ the teacher's fp32 PyTorch speed at batch 32. Resumable run by run (finished run
 
     .venv/bin/python benchmarks/deploy.py                 # everything (about 20 min on 2 idle cores)
     .venv/bin/python benchmarks/deploy.py --report-only   # rewrite the table from the finished runs
+    .venv/bin/python benchmarks/deploy.py --remeasure     # re-time every form of the finished runs now
+                                                          # (`kdforge bench-latency`, on a quiet machine)
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def student_run(name: str, layers: list[int], teacher: Path) -> dict:
     tree["train"]["log_every"] = 1000
     result = jobs.run_distill(validate_config(tree), resume=True)
     return json.loads((result.run_dir / "metrics.json").read_text())
+
+
+def remeasure(name: str, saved: dict) -> dict:
+    """The run's latencies timed again now (``kdforge bench-latency``): scores stay, timings are replaced."""
+    folder, _ = jobs.run_bench_latency(OUT / "-".join(map(str, STUDENTS[name])))
+    timing = json.loads((folder / "latency.json").read_text())
+    for form, report in (("teacher", saved["teacher"]), ("student", saved["student"]), *saved["exports"].items()):
+        report["latency"] = {**timing["models"][form], "interleaved": True}
+    saved["latency"] = {k: v for k, v in timing.items() if k not in ("models", "provenance")}
+    saved["latency"]["measured"] = timing["provenance"]["date"]
+    return saved
 
 
 def rows_of(name: str, saved: dict) -> list[list[str]]:
@@ -104,9 +117,19 @@ def write_table(results: dict[str, dict]) -> Path:
         lines += ["| " + " | ".join(row) + " |" for row in rows_of(name, saved)]
     lines += ["", "## Target (int8 student >= 95% of the teacher's accuracy at >= 6x its fp32 speed, batch 32)", ""]
     lines += [f"- {verdict(name, saved)}" for name, saved in results.items()]
+    lines += ["", "## What the table says", ""]
+    for name, saved in results.items():
+        speed = saved["latency"]["speedup"]
+        pt, ort32, ort8 = (speed[f]["32"]["ratio"] for f in ("student", "student onnx fp32", "student onnx int8"))
+        lines.append(f"- {name}: at batch 32 onnxruntime fp32 runs the student at {ort32 / pt:.2f}x PyTorch's "
+                     f"speed and int8 at {ort8 / ort32:.2f}x onnxruntime fp32's (the teacher in ONNX fp32: "
+                     f"{speed['teacher onnx fp32']['32']['ratio']:.2f}x its PyTorch speed).")
     noisy = [f"{name}: {'; '.join(saved['latency']['noisy_reasons'])}" for name, saved in results.items()
              if saved["latency"]["noisy"]]
-    lines += ["", "Measurement noise flagged by the report: " + (" / ".join(noisy) if noisy else "none.")]
+    lines += ["", "Measurement noise flagged: " + (" / ".join(noisy) if noisy else "none (load and spread below the "
+                                                     "thresholds during every measurement).")]
+    dates = sorted({saved["latency"].get("measured", saved["provenance"]["date"]) for saved in results.values()})
+    lines += ["", f"Latency measured: {', '.join(dates)}."]
     cpu = next(iter(results.values()))["provenance"]["cpu"] if results else "?"
     lines += ["", f"Machine: {cpu}, {next(iter(results.values()))['provenance']['logical_cpus']} logical CPUs."]
     return atomic_write_text(RESULTS / "deploy.md", "\n".join(lines) + "\n")
@@ -115,11 +138,16 @@ def write_table(results: dict[str, dict]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--remeasure", action="store_true", help="re-time the finished runs' forms now")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s")
     json_path = RESULTS / "deploy.json"
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    if not args.report_only:
+    if args.remeasure:
+        for name in results:
+            results[name] = remeasure(name, results[name])
+            atomic_write_json(json_path, results)
+    elif not args.report_only:
         teacher = teacher_folder()
         for name, layers in STUDENTS.items():
             if name not in results:

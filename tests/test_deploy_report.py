@@ -175,3 +175,17 @@ def test_a_teacher_that_answers_one_class_is_flagged(tmp_path, job_tree, tiny_te
     assert result.table.startswith("WARNING: ")
     report = (Path(tree["output_dir"]) / "report.md").read_text().splitlines()
     assert report[2].startswith("**Warning: teacher")  # right under the title
+
+
+def test_compare_takes_each_runs_newest_bench_latency(exported_run, tmp_path):
+    from kdforge.evaluation.compare import load_run
+
+    measured = sorted((exported_run / "latency").glob("*/latency.json"))
+    if not measured:  # this test may run alone: measure once
+        assert cli.main(["bench-latency", str(exported_run), "--set", "eval.latency_repeats=2"]) == 0
+        measured = sorted((exported_run / "latency").glob("*/latency.json"))
+    timing = json.loads(measured[-1].read_text())
+    metrics, _ = load_run(exported_run)
+    assert metrics["latency_from"] == str(measured[-1].parent.relative_to(exported_run))
+    assert metrics["student"]["latency"] == timing["models"]["student"]
+    assert metrics["exports"]["student onnx int8"]["latency"] == timing["models"]["student onnx int8"]

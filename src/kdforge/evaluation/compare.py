@@ -59,7 +59,22 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                            f"{_finish_hint(run_dir)}") from None
     if not isinstance(config, dict):
         raise KDForgeError(f"{path} does not hold a YAML mapping; {_finish_hint(run_dir)}")
-    return metrics, config
+    return with_latest_latency(metrics, run_dir), config
+
+
+def with_latest_latency(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``metrics`` with each model's latency from the run's newest ``kdforge bench-latency`` measurement
+    (``latency/<date>/latency.json``) when there is one (``metrics["latency_from"]`` names it)."""
+    measured = sorted(Path(run_dir).glob("latency/*/latency.json"))
+    if not measured:
+        return metrics
+    timing = read_json(measured[-1], f"delete {measured[-1].parent} or run `kdforge bench-latency {run_dir}` again")
+    reports = {"teacher": metrics["teacher"], "student": metrics["student"], **(metrics.get("exports") or {})}
+    for name, report in reports.items():
+        if name in timing.get("models", {}):
+            report["latency"] = timing["models"][name]
+    metrics["latency_from"] = str(measured[-1].parent.relative_to(run_dir))
+    return metrics
 
 
 # --------------------------------------------------------------------------- numbers
@@ -236,6 +251,8 @@ def compare_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
         ("table", runs_table(labels, runs)),
         ("p", f"retention = 100 * student {metric} / teacher {metric}; latency cells are median milliseconds "
               "per call at the batch size b; n/a: not measured."),
+        *(("p", f"{label}: latency from its newest `kdforge bench-latency` measurement ({m['latency_from']}).")
+          for label, m in zip(labels, runs, strict=True) if m.get("latency_from")),
         ("h2", "Config differences"),
     ]
     diffs = config_differences(configs)

@@ -119,7 +119,6 @@ def _provenance_rows(provenance: dict[str, Any]) -> list[list[str]]:
         rows.append(["GPU", ", ".join(provenance["cuda"])])
     rows += [[f"rows: {split}", str(n)] for split, n in provenance.get("data", {}).items()]
     rows += [[f"wall time: {phase}", f"{seconds:.1f} s"] for phase, seconds in provenance.get("phases", {}).items()]
-    rows.append(["command", str(provenance.get("command"))])
     return rows
 
 
@@ -165,7 +164,10 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
     if history:
         blocks += [("h2", "Training history"), ("table", history_table(history))]
     if findings.provenance:
-        blocks += [("h2", "Provenance"), ("table", (["", "value"], _provenance_rows(findings.provenance)))]
+        command = str(findings.provenance.get("command"))
+        blocks += [("h2", "Provenance"), ("table", (["", "value"], _provenance_rows(findings.provenance))),
+                   ("p", "The command that reproduces this run:"),
+                   ("code", ("python" if command.startswith("import ") else "bash", command))]
         diff = findings.provenance.get("config_diff") or {}
         blocks += [("h2", "Config (difference from the defaults)"),
                    ("code", ("yaml", yaml.safe_dump(diff, sort_keys=False) if diff else "# all defaults\n"))]
