@@ -17,8 +17,9 @@ flip augmentation; 3 seeds (mean +- std):
     AMAL                 offline KD's two terms with per-example weights (initialised 0.5 / 0.5) learned
                          by the meta-gradient on the validation split (meta lr 1500, the paper's)
 
-Every model's sharpness (the top eigenvalue of its training-loss Hessian on 256 fixed training images,
-10 power iterations) is in the CIFAR table. SST-2 (1,000-row sample, 100 carved for validation, full dev
+The born-again runs measure every generation's sharpness (the top eigenvalue of its training-loss
+Hessian on 256 fixed training images, 10 power iterations; the first seed's independent and offline
+KD runs measured it too). SST-2 (1,000-row sample, 100 carved for validation, full dev
 set reported; 2-layer student from teacher layers [0, 5], 2 epochs, AdamW lr 1e-4): offline KD from the
 fine-tuned MiniLM-L6 of benchmarks/teachers.py vs DML (the student and the pre-trained, not fine-tuned,
 MiniLM-L6 as peers) vs AMAL (from the fine-tuned MiniLM), 3 seeds.
@@ -29,6 +30,7 @@ Resumable run by run (results in benchmarks/results/online_self_meta.json):
     .venv/bin/python benchmarks/online_self_meta.py                 # everything
     .venv/bin/python benchmarks/online_self_meta.py --parts cifar --seeds 1
     .venv/bin/python benchmarks/online_self_meta.py --report-only
+    .venv/bin/python benchmarks/online_self_meta.py --parts sst2 --json online_self_meta-sst2.json  # beside another
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tables import mean_std, merged_results
+
 from kdforge import jobs
 from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
@@ -47,6 +51,7 @@ from kdforge.recipes.born_again import born_again_tree
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
+JSON_NAME = "online_self_meta.json"
 OUT = Path("runs/bench-online")
 TEACHERS = Path("runs/bench-teachers/models")  # shared with benchmarks/teachers.py (same fingerprints)
 
@@ -54,8 +59,8 @@ CIFAR_TASK = {"name": "cifar10", "train_limit": 1500, "validation": 0.1, "eval_l
 CIFAR_TRAIN = {"epochs": 4, "batch_size": 64, "lr": 3e-3, "weight_decay": 5e-4, "device": "cpu", "log_every": 1000}
 SST2_TASK = {"name": "glue/sst2", "train_limit": 1000, "validation": 0.1, "max_length": 64}
 SST2_TRAIN = {"epochs": 2, "batch_size": 32, "lr": 1e-4, "device": "cpu", "log_every": 1000}
-CIFAR_EVAL = {"latency_batch_sizes": [1], "latency_repeats": 3, "latency_warmup": 1, "sharpness": True,
-              "sharpness_samples": 256, "sharpness_iterations": 10}
+CIFAR_EVAL = {"latency_batch_sizes": [1], "latency_repeats": 3, "latency_warmup": 1}
+SHARPNESS = {"sharpness": True, "sharpness_samples": 256, "sharpness_iterations": 10}  # born-again runs
 SST2_EVAL = {"latency_batch_sizes": [1], "latency_repeats": 3, "latency_warmup": 1}
 KD_LOSS = [{"name": "ce", "weight": 0.5}, {"name": "hinton_kd", "weight": 0.5, "temperature": 4.0}]
 
@@ -122,7 +127,7 @@ def job_tree(method: dict | str, base: dict, seed: int) -> dict:
     if method == "born-again":  # generation 0 trained alone with the student's budget, then 2 generations
         tree["teacher"] = {"model": "vision:resnet8", "finetune": {"epochs": base["train"]["epochs"],
                                                                    "lr": base["train"]["lr"], "batch_size": 64}}
-        return born_again_tree({**tree, "objectives": KD_LOSS}, 2)
+        return born_again_tree({**tree, "objectives": KD_LOSS, "eval": {**tree["eval"], **SHARPNESS}}, 2)
     return {**tree, **method}
 
 
@@ -140,17 +145,14 @@ def run_part(results: dict, part: str, methods: dict, base: dict, seeds: int) ->
 
 
 def save(results: dict) -> None:
-    atomic_write_json(RESULTS / "online_self_meta.json", results)
-    atomic_write_text(RESULTS / "online_self_meta.md", render(results))
+    """This process's JSON file, and the table from every online_self_meta*.json (parts run in parallel
+    each write their own file)."""
+    atomic_write_json(RESULTS / JSON_NAME, results)
+    atomic_write_text(RESULTS / "online_self_meta.md", render(all_results()))
 
 
-def mean_std(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+def all_results() -> dict:
+    return merged_results(RESULTS, "online_self_meta")
 
 
 def mean(rows: dict, method: str, model: str = "student", key: str = "accuracy") -> float | None:
@@ -229,13 +231,16 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
+    global JSON_NAME
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["cifar", "sst2"], choices=["cifar", "sst2"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--json", default=JSON_NAME, help="this process's results file in benchmarks/results")
     args = parser.parse_args()
+    JSON_NAME = args.json
     logging.basicConfig(level=logging.WARNING)
-    path = RESULTS / "online_self_meta.json"
+    path = RESULTS / JSON_NAME
     results = json.loads(path.read_text()) if path.is_file() else {}
     if not args.report_only:
         if "cifar" in args.parts:
@@ -247,7 +252,7 @@ def main() -> None:
                      {"task": SST2_TASK, "train": SST2_TRAIN, "student": {"layers": [0, 5]}, "eval": SST2_EVAL},
                      args.seeds)
     save(results)
-    print(render(results))
+    print(render(all_results()))
 
 
 if __name__ == "__main__":

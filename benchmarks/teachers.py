@@ -38,6 +38,8 @@ import statistics
 import time
 from pathlib import Path
 
+from tables import mean_std, merged_results
+
 from kdforge import jobs
 from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
@@ -157,17 +159,7 @@ def save(results: dict) -> None:
 
 
 def all_results() -> dict:
-    merged: dict = {}
-    for path in sorted(RESULTS.glob("teachers*.json")):
-        for part, rows in json.loads(path.read_text()).items():
-            merged.setdefault(part, {}).update(rows)
-    return merged
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return merged_results(RESULTS, "teachers")
 
 
 def table(rows: dict, metric: str) -> list[str]:

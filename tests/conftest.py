@@ -56,6 +56,18 @@ def job_tree(tmp_path, sentiment_dir, tiny_teacher_dir) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors gain nothing from torch's intra-op threads, which stall badly on a busy machine:
+    one thread for the module's tests (the previous setting restored after them)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def kdlog():
     """The records of the "kdforge" logger (INFO and up), whether or not it propagates to the root logger."""

@@ -78,14 +78,6 @@ def test_the_example_config_is_the_functions_output_and_validates():
     assert [(s.learner, s.teachers) for s in config.all_stages()] == [("gen1", ["teacher"]), ("student", ["gen1"])]
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions: one thread avoids the synchronisation cost of several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.slow
 def test_two_generations_on_digits_end_to_end(tmp_path, one_thread):

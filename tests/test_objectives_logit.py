@@ -14,17 +14,11 @@ from kdforge.objectives.bdkd import balance_weights
 from kdforge.objectives.dkd import dkd_parts
 from kdforge.objectives.logit import kd_kl_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LN = math.log
 P_LATE = Progress(step=0, total_steps=10, epoch=50.0)  # past every warm-up
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tensors here are a few elements: intra-op threads only add synchronisation (10 ms a softmax on a busy box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def softmax(z, T=1.0):

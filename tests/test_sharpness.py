@@ -17,14 +17,8 @@ from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.tasks.base import build_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids the synchronisation cost of several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Quadratic(nn.Module):

@@ -24,16 +24,10 @@ from kdforge.recipes.sokd import SOKDParams, SOKDStep, TextBridge, VisionBridge,
 from kdforge.recipes.teacher_sources import LiveTeacher
 from tests.helpers import tiny_bert, tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TERMS = ("kd_bridge", "bridge_ce", "bridge_kd_teacher", "bridge_kd_student")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches gain nothing from intra-op threads, which stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:

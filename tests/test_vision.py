@@ -327,14 +327,6 @@ def test_digits_collator_crops_but_does_not_flip():
 # --------------------------------------------------------------------------- nets
 
 
-@pytest.fixture
-def one_thread():
-    """Batches of 2 gain nothing from intra-op threads, which stall badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("name", VISION_NETS.names())
 def test_net_output_shape_and_module_names(name, one_thread):
