@@ -189,3 +189,14 @@ def test_compare_takes_each_runs_newest_bench_latency(exported_run, tmp_path):
     assert metrics["latency_from"] == str(measured[-1].parent.relative_to(exported_run))
     assert metrics["student"]["latency"] == timing["models"]["student"]
     assert metrics["exports"]["student onnx int8"]["latency"] == timing["models"]["student onnx int8"]
+
+
+def test_the_printed_table_flags_a_noisy_latency_measurement(exported_run):
+    from kdforge.run_report import result_table
+
+    saved = json.loads((exported_run / "metrics.json").read_text())
+    saved["latency"].update(noisy=True, noisy_reasons=["machine load 5.0 on 2 CPUs"])
+    last = result_table(saved).splitlines()[-1]
+    assert last.startswith("WARNING: latency noisy: machine load 5.0 on 2 CPUs") and "bench-latency" in last
+    saved["latency"].update(noisy=False, noisy_reasons=[])
+    assert "WARNING" not in result_table(saved)

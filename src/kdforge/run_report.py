@@ -16,6 +16,7 @@ from typing import Any
 
 from kdforge.config import STUDENT, JobConfig, dump_config
 from kdforge.evaluation.evaluate import Form, evaluate_forms, onnx_form, pytorch_form
+from kdforge.evaluation.latency import describe_latency_noise
 from kdforge.evaluation.report import ModelReport, comparison_summary, format_table
 from kdforge.evaluation.report_page import Findings, write_report
 from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
@@ -150,11 +151,14 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
 
 
 def result_table(saved: dict[str, Any]) -> str:
-    """The plain-text table of a ``metrics.json`` (teacher, student, baseline, warnings)."""
+    """The plain-text table of a ``metrics.json`` (teacher, student, baseline, sanity warnings first, and
+    the latency-noise warning under the table when the measurement was noisy)."""
     baseline = saved.get("baseline")
-    return format_table(ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"]),
-                        saved.get("selected_on"), saved.get("reported_on"),
-                        ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or ())
+    table = format_table(ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"]),
+                         saved.get("selected_on"), saved.get("reported_on"),
+                         ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or ())
+    noise = describe_latency_noise(saved["latency"]) if saved.get("latency") else None
+    return f"{table}\nWARNING: {noise}" if noise else table
 
 
 def write_metrics(out_dir: Path, saved: dict[str, Any]) -> Path:
