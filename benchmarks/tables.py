@@ -8,11 +8,13 @@ from pathlib import Path
 
 
 def merged_results(folder: Path, prefix: str) -> dict:
-    """Every ``<prefix>*.json`` in ``folder`` merged part by part (parts run in parallel write their own file)."""
+    """Every ``<prefix>*.json`` in ``folder`` merged part by part, method by method (parts run in parallel
+    write their own file; a method's runs from several files are put together)."""
     merged: dict = {}
     for path in sorted(Path(folder).glob(f"{prefix}*.json")):
         for part, rows in json.loads(path.read_text()).items():
-            merged.setdefault(part, {}).update(rows)
+            for method, runs in rows.items():
+                merged.setdefault(part, {}).setdefault(method, {}).update(runs)
     return merged
 
 
