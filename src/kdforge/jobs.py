@@ -30,7 +30,7 @@ from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
 from kdforge.run_folder import PREVIOUS_RUN, finish_run, log_file, prepare_output_dir, restore_previous_run
 from kdforge.run_report import (
     evaluate_run,
-    export_paths,
+    existing_exports,
     result_table,
     write_exports,
     write_metrics,
@@ -322,7 +322,7 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
         models = run_models(config, run_dir, task)
         with timer.phase("export"):
             onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run_dir) \
-                if onnx or int8 else {name: p for name, p in export_paths(run_dir).items() if p.is_file()}
+                if onnx or int8 else existing_exports(run_dir)
         metrics = run_dir / "metrics.json"
         history = read_json(metrics, f"delete it and run `kdforge eval {run_dir}` again").get("history") \
             if metrics.is_file() else None
@@ -341,7 +341,7 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     config, run_dir = finished_run(target, overrides)
     task = build_task(config.task)
     models = run_models(config, run_dir, task)
-    onnx_files = {name: p for name, p in export_paths(run_dir).items() if p.is_file()}
+    onnx_files = existing_exports(run_dir)
     forms = build_forms(config, task, models, primary_teacher(config), onnx_files)
     log.info("timing %s interleaved: %d rounds per batch size %s", ", ".join(f.name for f in forms),
              config.eval.latency_repeats, config.eval.latency_batch_sizes)

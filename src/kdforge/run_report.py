@@ -36,6 +36,11 @@ def export_paths(run_dir: Path) -> dict[str, Path]:
             "student onnx int8": folder / "student.int8.onnx"}
 
 
+def existing_exports(run_dir: Path) -> dict[str, Path]:
+    """The ONNX files of a finished run that are on disk, by form name."""
+    return {name: path for name, path in export_paths(run_dir).items() if path.is_file()}
+
+
 def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run_dir: Path) -> dict[str, Path]:
     """The ONNX (and int8) files that ``config.export`` asks for, written now; ``{form name: path}``."""
     if not config.export.onnx:
@@ -92,7 +97,7 @@ def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:
                        size_mb=0.0, latency={}, reliability=None)
 
 
-def phase_histories(config: JobConfig, run_dir: Path, history: list[dict] | None,
+def phase_histories(config: JobConfig, history: list[dict] | None,
                     teacher_dirs: dict[str, Path]) -> dict[str, list[dict]]:
     """Training history per phase: each fine-tuned teacher's (``finetune.json``) and each stage's."""
     phases: dict[str, list[dict]] = {}
@@ -127,7 +132,7 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     baseline = baseline_report(task, data, config)
     baseline_main = baseline.metrics.get(task.main_metric) if baseline else None
     counts = {n: r.per_class["predicted_counts"] for n, r in reports.items() if r.per_class}
-    warnings = sanity_warnings({n: r.to_dict() for n, r in reports.items()}, baseline_main, task.main_metric,
+    warnings = sanity_warnings(reports, baseline_main, task.main_metric,
                                task.greater_is_better, counts, split=task.eval_split, label_names=task.label_names)
     roles = {role: reports[role] for role in models if role not in (teacher_role, STUDENT)}
     exports = {n: r for n, r in reports.items() if n not in ("teacher", "student", *roles)}
@@ -135,7 +140,7 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
               "reported_on": task.describe_split(task.eval_split)}
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
-                        histories=phase_histories(config, out_dir, history, teacher_dirs), provenance=provenance,
+                        histories=phase_histories(config, history, teacher_dirs), provenance=provenance,
                         greater_is_better=task.greater_is_better)
     write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
                  history=history, findings=findings, **splits)

@@ -12,7 +12,6 @@ their Pareto front (:func:`kdforge.evaluation.plots.pareto_front`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,9 +22,9 @@ import yaml
 from kdforge.errors import KDForgeError
 from kdforge.evaluation.plots import score_latency_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
+from kdforge.evaluation.report import finite_number, fmt
 from kdforge.io import atomic_write_bytes, atomic_write_text, read_json
 
-NA = "n/a"
 ABSENT = "(absent)"
 _MISSING = object()  # a key one config lacks
 #: Main metrics for which a lower value is better (the rest: higher is better).
@@ -80,21 +79,9 @@ def with_latest_latency(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any
 # --------------------------------------------------------------------------- numbers
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _fmt(x: Any, decimals: int = 2, suffix: str = "") -> str:
-    """Fixed decimals; two significant digits for tiny non-zero values; ``n/a`` if missing."""
-    if not _finite(x):
-        return NA
-    text = f"{x:.2g}" if 0 < abs(x) < 10 ** -decimals else f"{x:.{decimals}f}"
-    return text + suffix
-
-
 def _score(report: dict[str, Any] | None, metric: str) -> float | None:
     value = ((report or {}).get("metrics") or {}).get(metric)
-    return value if _finite(value) else None
+    return value if finite_number(value) else None
 
 
 def _latency_entry(report: dict[str, Any] | None, batch_size: int) -> dict[str, Any]:
@@ -138,11 +125,11 @@ def runs_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[l
         student, teacher = _score(m["student"], metric), _score(m["teacher"], metric)
         retention = 100.0 * student / teacher if student is not None and teacher else None
         params = m["student"].get("params")
-        row = [label, m["task"], _fmt(student, 4), _fmt(teacher, 4), _fmt(retention, 1, "%"),
-               _fmt(m["student"].get("ece"), 4), _fmt(params / 1e6 if _finite(params) else None),
-               _fmt(m["student"].get("size_mb"))]
+        row = [label, m["task"], fmt(student, 4), fmt(teacher, 4), fmt(retention, 1, "%"),
+               fmt(m["student"].get("ece"), 4), fmt(params / 1e6 if finite_number(params) else None),
+               fmt(m["student"].get("size_mb"))]
         own = _forms(m)
-        row += [_fmt(_latency_entry(own.get(form), bs).get("median_ms")) for form in forms for bs in batch_sizes]
+        row += [fmt(_latency_entry(own.get(form), bs).get("median_ms")) for form in forms for bs in batch_sizes]
         rows.append(row)
     return headers, rows
 
@@ -215,7 +202,7 @@ def chart_points(labels: Sequence[str], runs: Sequence[dict[str, Any]], metric: 
             entry = _latency_entry(report, batch_size)
             point = {"name": label if form == "student" else f"{label}: {form}", "score": _score(report, metric),
                      "latency_ms": entry.get("median_ms")}
-            if _finite(entry.get("p90_ms")):
+            if finite_number(entry.get("p90_ms")):
                 point["high_ms"] = entry["p90_ms"]
             points.append(point)
     return points
@@ -268,7 +255,7 @@ def compare_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
     batch_size = 1 if 1 in sizes else (sizes[0] if sizes else None)
     points = chart_points(labels, runs, metric, batch_size) if batch_size is not None else []
     blocks.append(("h2", f"{metric} vs latency"))
-    if any(p["score"] is not None and _finite(p["latency_ms"]) for p in points):
+    if any(p["score"] is not None and finite_number(p["latency_ms"]) for p in points):
         png = score_latency_png(points, metric, batch_size, greater_is_better)
         paths["plot"] = atomic_write_bytes(out / PLOT_NAME, png)
         blocks += [("image", (PLOT_NAME, png, "score vs latency")),

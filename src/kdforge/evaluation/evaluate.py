@@ -91,12 +91,12 @@ def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
                        per_class=per_class)
 
 
-def time_forms(forms: list[Form], config: EvalConfig, reference: str | None = None) -> dict[str, Any]:
+def time_forms(forms: list[Form], config: EvalConfig) -> dict[str, Any]:
     """Every form timed interleaved (:func:`interleaved_latency`) with the config's batch sizes, warm-up,
-    rounds and threads; the first form (or ``reference``) is the speedups' reference."""
+    rounds and threads; the first form is the speedups' reference."""
     return interleaved_latency({f.name: f.forward for f in forms}, config.latency_batch_sizes,
                                config.latency_warmup, config.latency_repeats, config.threads,
-                               reference=reference, max_spread=config.latency_max_spread)
+                               max_spread=config.latency_max_spread)
 
 
 def evaluate_forms(forms: list[Form], task, data, config: EvalConfig) -> tuple[dict[str, ModelReport], dict]:

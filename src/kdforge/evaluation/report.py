@@ -61,13 +61,13 @@ class ModelReport:
 # --------------------------------------------------------------------------- numbers
 
 
-def _finite(x: Any) -> bool:
+def finite_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def ratio_of(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing/non-finite or the denominator is 0."""
-    if not (_finite(numerator) and _finite(denominator)) or denominator == 0:
+    if not (finite_number(numerator) and finite_number(denominator)) or denominator == 0:
         return None
     return numerator / denominator
 
@@ -115,7 +115,7 @@ def comparison_summary(teacher: ModelReport, student: ModelReport) -> dict[str, 
 
 def fmt(x: float | None, decimals: int = 2, suffix: str = "") -> str:
     """Fixed decimals; two significant digits for tiny non-zero values; ``n/a`` if missing."""
-    if not _finite(x):
+    if not finite_number(x):
         return NA
     text = f"{x:.2g}" if 0 < abs(x) < 10 ** -decimals else f"{x:.{decimals}f}"
     return text + suffix

@@ -122,7 +122,7 @@ def _provenance_rows(provenance: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _chart_points(forms: dict[str, ModelReport], latency: dict | None, batch_size: int) -> list[dict]:
+def _chart_points(forms: dict[str, ModelReport], batch_size: int) -> list[dict]:
     points = []
     for name, r in forms.items():
         entry = (r.latency or {}).get("batch_sizes", {}).get(str(batch_size), {})
@@ -192,7 +192,7 @@ def draw_images(teacher: ModelReport, student: ModelReport, findings: Findings,
     forms = findings.forms or {"teacher": teacher, "student": student}
     sizes = batch_sizes(*forms.values())
     if sizes:
-        points = _chart_points(forms, findings.latency, sizes[-1])
+        points = _chart_points(forms, sizes[-1])
         if any(p["score"] is not None and p["latency_ms"] for p in points):
             images["score-latency.png"] = score_latency_png(points, teacher.main_metric, sizes[-1],
                                                             findings.greater_is_better)

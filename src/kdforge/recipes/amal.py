@@ -315,7 +315,6 @@ class AMAL(Strategy):
     def build(self, ctx: StageContext) -> AMALStep:
         from accelerate import PartialState
 
-        self.check(ctx.config, ctx.stage)
         if PartialState().num_processes > 1:
             raise KDForgeError("strategy amal runs in one process (its look-ahead needs double back-propagation, "
                                "which DDP does not support); launch without accelerate launch / torchrun")
