@@ -82,3 +82,17 @@ def offline_step(student, loss, teacher=None, cache=None):
     sources = {"teacher": CachedTeacher(cache)} if cache is not None else \
         {"teacher": LiveTeacher(teacher)} if teacher is not None else {}
     return OfflineStep(student, loss, sources)
+
+
+class Killed(Exception):
+    """Stands for a kill of the process: raised at the point under test (e.g. by :func:`kill_at`)."""
+
+
+def kill_at(step: int, stage: str | None = None):
+    """A trainer callback that raises :class:`Killed` when training reaches optimizer step ``step`` (in the
+    stage named ``stage``, when given)."""
+    def kill(trainer) -> None:
+        if trainer.state.step == step and (stage is None or trainer.desc == stage):
+            raise Killed
+
+    return kill

@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdforge import jobs
 from kdforge.config import validate_config
+from tests.helpers import Killed, kill_at
 
 pytestmark = pytest.mark.slow
 
@@ -122,9 +123,6 @@ def test_two_processes_on_cpu(tmp_path, job_tree):
     assert (Path(tree["output_dir"]) / "metrics.json").is_file()
 
 
-class Killed(Exception):
-    pass
-
 
 def test_killed_job_resumes_to_the_same_metrics(tmp_path, job_tree):
     """A distill job killed mid-epoch and resumed ends with the metrics of an uninterrupted run."""
@@ -137,12 +135,8 @@ def test_killed_job_resumes_to_the_same_metrics(tmp_path, job_tree):
 
     reference = jobs.run_distill(tree_for("ref"))
 
-    def kill_at_step_5(trainer):  # 16 steps per epoch; the last checkpoint is at step 3
-        if trainer.state.step == 5:
-            raise Killed
-
-    with pytest.raises(Killed):
-        jobs.run_distill(tree_for("run"), callbacks=[kill_at_step_5])
+    with pytest.raises(Killed):  # 16 steps per epoch; the last checkpoint is at step 3
+        jobs.run_distill(tree_for("run"), callbacks=[kill_at(5)])
     assert not (tmp_path / "run" / "metrics.json").exists()
     resumed = jobs.run_distill(tree_for("run"), resume=True)
     assert resumed.student.metrics == reference.student.metrics

@@ -25,6 +25,7 @@ from kdforge.progress import Progress
 from kdforge.recipes.bdkd_online import BDKDOnlineParams, bdkd_online_loss
 from kdforge.recipes.catalog import check_stages
 from kdforge.recipes.dml import dml_loss, dml_terms
+from tests.helpers import Killed, kill_at
 
 # ------------------------------------------------------------------------------------------------ math
 
@@ -208,9 +209,6 @@ def test_bdkd_online_on_digits_trains_teacher_and_student(tmp_path, captured):
     assert result.student.metrics["accuracy"] > 0.3 and result.teacher.metrics["accuracy"] > 0.3  # 10 classes
 
 
-class Killed(Exception):
-    pass
-
 
 @pytest.mark.slow
 def test_dml_resumes_exactly_after_a_kill_both_models(tmp_path, captured, kdlog):
@@ -220,12 +218,8 @@ def test_dml_resumes_exactly_after_a_kill_both_models(tmp_path, captured, kdlog)
         tmp_path, name, {"name": "dml"}, rows=256, assistants={"peer": {"model": "vision:resnet8"}}))
     jobs.run_distill(tree("ref"))
 
-    def kill(trainer):  # 4 steps an epoch (204 rows), a checkpoint every 2: killed at batch 3 of epoch 2
-        if trainer.state.step == 7:
-            raise Killed
-
-    with pytest.raises(Killed):
-        jobs.run_distill(tree("run"), callbacks=[kill])
+    with pytest.raises(Killed):  # 4 steps an epoch (204 rows), a checkpoint every 2: killed at batch 3 of epoch 2
+        jobs.run_distill(tree("run"), callbacks=[kill_at(7)])
     kdlog.clear()
     jobs.run_distill(tree("run"), resume=True)
     assert any("resumed from" in r.getMessage() and "at step 6" in r.getMessage() for r in kdlog)

@@ -24,12 +24,10 @@ from kdforge.engine import checkpoint as ckpt
 from kdforge.engine.step import TrainStep
 from kdforge.engine.trainer import Trainer
 from kdforge.errors import KDForgeError
+from tests.helpers import Killed, kill_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-class Killed(Exception):
-    """Stands for a kill: raised at the point under test."""
 
 
 def messages(records) -> list[str]:
@@ -361,11 +359,7 @@ def test_kills_at_seeded_random_points_always_resume_to_the_uninterrupted_metric
             if kind == "step":  # mid-epoch or at an epoch's end, after the step's checkpoint
                 at = rng.randint(done + 1, 7)  # (a later fault needs a checkpoint write ahead)
 
-                def kill(trainer, at=at):
-                    if trainer.state.step == at:
-                        raise Killed
-
-                callbacks = [kill]
+                callbacks = [kill_at(at)]
             elif kind == "checkpoint":  # inside the n-th checkpoint write still to come
                 function = rng.choice(["save_rng", "save_state", "finish", "publish_checkpoint"])
                 inject(patch, ("checkpoint", function, rng.randint(1, sum(s > done for s in CHECKPOINT_STEPS))))

@@ -22,7 +22,7 @@ from kdforge.progress import Progress
 from kdforge.recipes.catalog import check_stages, strategy_names
 from kdforge.recipes.sokd import SOKDParams, SOKDStep, TextBridge, VisionBridge, knowledge_bridge, sokd_terms
 from kdforge.recipes.teacher_sources import LiveTeacher
-from tests.helpers import tiny_bert, tiny_llama
+from tests.helpers import Killed, kill_at, tiny_bert, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -233,9 +233,6 @@ def test_exactly_one_teacher_and_labelled_data(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-class Killed(Exception):
-    pass
-
 
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> str:
@@ -261,12 +258,8 @@ def test_vision_run_learns_and_resumes_exactly_after_a_kill(tmp_path, digits_tea
     assert all(f"loss:{n}" in h for h in history for n in ("ce", *TERMS))
     assert history[1]["loss:bridge_ce"] < history[0]["loss:bridge_ce"]  # the bridge learns the task too
 
-    def kill(trainer):  # mid-epoch 2, after the checkpoint at step 12 (10 steps per epoch)
-        if trainer.state.step == 14:
-            raise Killed
-
-    with pytest.raises(Killed):
-        jobs.run_distill(config("run"), callbacks=[kill])
+    with pytest.raises(Killed):  # mid-epoch 2, after the checkpoint at step 12 (10 steps per epoch)
+        jobs.run_distill(config("run"), callbacks=[kill_at(14)])
     resumed = jobs.run_distill(config("run"), resume=True)
     assert resumed.student.metrics == reference.student.metrics
     new_history = json.loads((tmp_path / "run/metrics.json").read_text())["history"]

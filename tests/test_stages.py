@@ -13,7 +13,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.heads import head_size, replace_head
 from kdforge.recipes.ptp import ptp_labels
 from kdforge.tasks.corpus import corpus_texts
-from tests.helpers import tiny_bert
+from tests.helpers import Killed, kill_at, tiny_bert
 
 
 def test_ptp_labels_by_hand():
@@ -61,9 +61,6 @@ def test_stage_config_errors(job_tree):
         validate_config(tree)
 
 
-class Killed(Exception):
-    pass
-
 
 def three_stage_tree(job_tree, tmp_path, name):
     tree = json.loads(json.dumps(job_tree))
@@ -89,12 +86,8 @@ def test_three_stage_recipe_runs_and_resumes_stage_by_stage(tmp_path, job_tree):
     assert "accuracy" not in metrics["history"][0]  # the corpus stage is not evaluated
     assert reference.student.metrics["accuracy"] > 0.5
 
-    def kill_in_kd(trainer):
-        if trainer.desc == "kd" and trainer.state.step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        jobs.run_distill(three_stage_tree(job_tree, tmp_path, "run"), callbacks=[kill_in_kd])
+        jobs.run_distill(three_stage_tree(job_tree, tmp_path, "run"), callbacks=[kill_at(3, stage="kd")])
     done = sorted(p.name for p in (tmp_path / "run/stages").iterdir())
     assert done == ["general.json", "general.pt", "ptp.json", "ptp.pt"]
     resumed = jobs.run_distill(three_stage_tree(job_tree, tmp_path, "run"), resume=True)

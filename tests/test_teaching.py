@@ -21,6 +21,7 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.logit import kd_kl_loss
 from kdforge.progress import Progress
 from kdforge.recipes.catalog import check_stages
+from tests.helpers import Killed, kill_at
 
 pytestmark = pytest.mark.slow
 
@@ -81,24 +82,15 @@ STRATEGY_JOBS = {
 }
 
 
-class Killed(Exception):
-    pass
-
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_JOBS))
 def test_every_strategy_runs_and_resumes_exactly_after_a_kill(tmp_path, digit_teachers, strategy):
     tree = lambda name: validate_config(digits_job(tmp_path, name, **STRATEGY_JOBS[strategy](digit_teachers)))  # noqa: E731
     reference = kdforge.distill(tree("ref"))  # the Python API
     assert reference.student.metrics["accuracy"] > 0.3  # learnt something in 2 short epochs (10 classes)
-    calls = {"n": 0}
-
-    def kill(trainer):  # in the last stage, mid-epoch 2, after a checkpoint at step 20 (18 steps per epoch)
-        calls["n"] += 1
-        if trainer.desc == tree("x").all_stages()[-1].name and trainer.state.step == 22:
-            raise Killed
-
-    with pytest.raises(Killed):
-        jobs.run_distill(tree("run"), callbacks=[kill])
+    last_stage = tree("x").all_stages()[-1].name
+    with pytest.raises(Killed):  # in the last stage, mid-epoch 2, after a checkpoint at step 20 (18 steps per epoch)
+        jobs.run_distill(tree("run"), callbacks=[kill_at(22, stage=last_stage)])
     resumed = jobs.run_distill(tree("run"), resume=True)
     assert resumed.student.metrics == reference.student.metrics
     ref_hist = json.loads((tmp_path / "ref/metrics.json").read_text())["history"]
