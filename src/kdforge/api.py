@@ -52,9 +52,13 @@ def _config(config: str | Path | dict | JobConfig, overrides) -> JobConfig:
 
 
 def distill(config: str | Path | dict | JobConfig, overrides: dict | list[str] | None = None,
-            resume: bool = False, overwrite: bool = False) -> jobs.RunResult:
-    """Run a whole distillation job from a config file, dict or :class:`JobConfig`."""
-    return jobs.run_distill(_config(config, overrides), resume=resume, overwrite=overwrite)
+            resume: bool = False, overwrite: bool = False,
+            black_boxes: Mapping[str, Callable[[list[dict]], Any]] | None = None) -> jobs.RunResult:
+    """Run a whole distillation job from a config file, dict or :class:`JobConfig`. ``black_boxes``: black-box
+    teachers by name, for ``teacher: {black_box: {callable: NAME}}``: each ``fn(inputs) -> probabilities``
+    takes a list of protocol inputs (``{"text": ..., "text_pair": ...}`` or ``{"image": {...}}``, see
+    :mod:`kdforge.blackbox.protocol`) and returns one row of class probabilities per input."""
+    return jobs.run_distill(_config(config, overrides), resume=resume, overwrite=overwrite, black_boxes=black_boxes)
 
 
 def finetune(config: str | Path | dict | JobConfig, overrides=None, resume: bool = False):
@@ -62,9 +66,20 @@ def finetune(config: str | Path | dict | JobConfig, overrides=None, resume: bool
     return jobs.run_finetune(_config(config, overrides), resume=resume)
 
 
-def evaluate(run_dir_or_config: str | Path, overrides=None) -> jobs.RunResult:
-    """Evaluate the teacher and exported student of a finished run."""
-    return jobs.run_eval(run_dir_or_config, overrides)
+def search(config: str | Path | dict | JobConfig, overrides: dict | list[str] | None = None, workers: int = 1,
+           join: bool = False):
+    """Search the student's architecture (``search`` section: KD-NAS, AutoKD or random on Optuna storage),
+    then distill the best candidates; returns a :class:`kdforge.search.run.SearchResult` (None when
+    ``join``)."""
+    from kdforge.search.run import run_search
+
+    return run_search(_config(config, overrides), workers, join)
+
+
+def evaluate(run_dir_or_config: str | Path, overrides=None,
+             black_boxes: Mapping[str, Callable[[list[dict]], Any]] | None = None) -> jobs.RunResult:
+    """Evaluate the teacher and exported student of a finished run (``black_boxes`` as for :func:`distill`)."""
+    return jobs.run_eval(run_dir_or_config, overrides, black_boxes=black_boxes)
 
 
 ObjectiveSpec = str | dict[str, Any] | Objective | tuple[Objective, float]

@@ -1,4 +1,4 @@
-"""``kdforge`` command line: demo, finetune, distill, eval, export, bench-latency, compare, list.
+"""``kdforge`` command line: demo, finetune, distill, eval, export, bench-latency, compare, search, serve, list.
 
 Every user error ends with one line ``kdforge: error: ...`` and exit status 2.
 """
@@ -76,6 +76,21 @@ def parser() -> argparse.ArgumentParser:
                              "config differences, Pareto chart)")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", default="runs/compare", help="folder of compare.html / compare.md")
+    search = add("search", "search the student's architecture (KD-NAS, AutoKD, random) on Optuna storage, "
+                 "then distill and report the best", "CONFIG")
+    search.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    search.add_argument("--join", action="store_true", help="only run trials of the study (a worker on another "
+                        "machine, same search.storage and search.study_name): no final runs, no report")
+    search.add_argument("--storage", help="Optuna storage URL (search.storage), e.g. postgresql://USER@HOST/DB")
+    search.add_argument("--study-name", help="the study to create or join (search.study_name)")
+    serve = sub.add_parser("serve", help="serve a finished run's model as a black-box teacher over HTTP "
+                           "(kdforge's JSON protocol) until Ctrl+C")
+    serve.add_argument("target", metavar="RUN_DIR")
+    serve.add_argument("--role", default="student", help="the model to serve: student (default) or a teacher, "
+                       "assistant or peer role of the run")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: "
+                       "every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
     sub.add_parser("list", help="registered tasks, objectives, strategies and vision nets")
     return p
 
@@ -106,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
         print(table)
         print(f"\nwritten to {folder}")
         return 0
+    if args.command == "serve":
+        from kdforge.serve import serve_run
+
+        serve_run(args.target, args.role, args.host, args.port)
+        return 0
     if args.command == "compare":
         from pathlib import Path
 
@@ -113,6 +133,16 @@ def run(args: argparse.Namespace) -> int:
 
         paths = compare_runs([Path(r) for r in args.runs], Path(args.out))
         print(f"comparison of {len(args.runs)} runs: {paths['html']}")
+        return 0
+    if args.command == "search":
+        from kdforge.search.run import run_search
+
+        extra = [f"search.{key}={value}" for key, value in (("storage", args.storage), ("study_name", args.study_name))
+                 if value]
+        outcome = run_search(load_config(args.target, [*args.overrides, *extra]), args.workers, args.join)
+        if outcome is not None:
+            print(outcome.table)
+            print(f"\nsearch folder: {outcome.folder}  (report.html, trials.json, best/)")
         return 0
     if args.command == "demo":
         config = load_config(demo_config_path(), args.overrides)

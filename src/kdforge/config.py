@@ -96,14 +96,64 @@ class FinetuneConfig(Strict):
     seed: int | None = Field(None, description="seed of the teacher's fine-tuning; default: train.seed")
 
 
+class BlackBoxConfig(Strict):
+    """A teacher seen only through the class probabilities it returns (:mod:`kdforge.blackbox`): an HTTP
+    server speaking kdforge's JSON protocol, a JSON-lines file of predictions, or a Python callable.
+    Answers are cached in SQLite (paid once, kept across runs) and ``max_queries`` bounds the inputs
+    ever sent to this teacher through that cache."""
+
+    url: str | None = Field(None, description="http(s) endpoint answering POST {\"inputs\": [...]} with "
+                            "{\"probabilities\": [[...], ...]}")
+    file: str | None = Field(None, description="JSON-lines file, one {\"input\": ..., \"probabilities\": [...]} "
+                             "per line")
+    callable: str | None = Field(None, description="package.module:function, or a name registered with "
+                                 "kdforge.distill(config, black_boxes={name: fn}); fn(list of inputs) -> "
+                                 "probabilities (N, K)")
+    version: str = Field("", description="the teacher's version: part of the cache keys (a new version is a "
+                         "new teacher)")
+    num_classes: PositiveInt | None = Field(None, description="classes the teacher answers; default: the task's")
+    max_queries: NonNegativeInt | None = Field(None, description="the most inputs ever sent to this teacher "
+                                               "(over every run sharing cache_dir); default: no limit")
+    cache_dir: str | None = Field(None, description="folder of the answer cache; default $KDFORGE_CACHE/black-box")
+    timeout_s: PositiveFloat = Field(30.0, description="url: seconds to wait for one answer")
+    retries: NonNegativeInt = Field(3, description="url: retries of a failed request (exponential back-off)")
+    rate_limit_per_s: PositiveFloat | None = Field(None, description="url: at most this many requests per second")
+    batch_size: PositiveInt = Field(64, description="inputs per request")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BlackBoxConfig:
+        given = [k for k in ("url", "file", "callable") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of black_box.url, black_box.file, black_box.callable "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+    def describe(self) -> str:
+        """``url``, ``file`` or ``callable`` and its value, e.g. ``url http://127.0.0.1:8000/``."""
+        kind = next(k for k in ("url", "file", "callable") if getattr(self, k) is not None)
+        return f"{kind} {getattr(self, kind)}"
+
+
 class TeacherConfig(Strict):
-    model: str = Field(description="package:NAME, a local HF directory, a hub id, or vision:NAME")
+    model: str | None = Field(None, description="package:NAME, a local HF directory, a hub id, or vision:NAME")
+    black_box: BlackBoxConfig | None = Field(None, description="a teacher seen only through its answers "
+                                             "(class probabilities), instead of `model`")
     finetune: FinetuneConfig | None = Field(None, description="fine-tune the teacher on the task first")
+
+    @model_validator(mode="after")
+    def _model_or_black_box(self) -> TeacherConfig:
+        if (self.model is None) == (self.black_box is None):
+            raise ValueError("set exactly one of `model` and `black_box` for a teacher")
+        if self.black_box is not None and self.finetune is not None:
+            raise ValueError("a black-box teacher cannot be fine-tuned; remove `finetune` from it")
+        return self
 
 
 class StudentConfig(Strict):
-    """Exactly one of ``layers`` (copy these teacher layers), ``config`` (fresh model: teacher config
-    with these overrides) or ``model`` (a model given by the user)."""
+    """Where the student comes from: ``layers`` alone (copy these teacher layers), ``config`` alone (a
+    fresh model: the teacher's config with these overrides), ``layers`` and ``config`` together (those
+    teacher layers with every weight sliced to the config's narrower widths, see
+    :func:`kdforge.models.student.student_sliced`), or ``model`` alone (a model given by the user)."""
 
     layers: list[int] | None = None
     config: dict[str, Any] | None = None
@@ -116,8 +166,9 @@ class StudentConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
         given = [k for k in ("layers", "config", "model") if getattr(self, k) is not None]  # sps adds to any
-        if len(given) != 1:
-            raise ValueError("set exactly one of student.layers, student.config, student.model "
+        if given not in (["layers"], ["config"], ["model"], ["layers", "config"]):
+            raise ValueError("set exactly one of student.layers, student.config, student.model, or student.layers "
+                             "with student.config (teacher layers sliced to the config's widths) "
                              f"(got {', '.join(given) or 'none'})")
         return self
 
@@ -204,6 +255,48 @@ class ExportConfig(Strict):
         return self
 
 
+class SearchConfig(Strict):
+    """Student architecture search (``kdforge search``; :mod:`kdforge.search`): every trial distills a
+    candidate on a fixed proxy subset of the training rows and scores it on the validation split."""
+
+    method: Literal["kdnas", "autokd", "random"] = Field(
+        "kdnas", description="kdnas: an LSTM controller learned by REINFORCE on the reward (KD-NAS); autokd: "
+        "Optuna's TPE (Bayesian optimisation) with successive-halving pruning over proxy epochs (AutoKD); "
+        "random: uniform sampling (the baseline)")
+    trials: PositiveInt = Field(30, description="finished trials (complete or pruned) the study stops at, "
+                                "counted over every worker")
+    objective: Literal["reward", "pareto"] = Field(
+        "reward", description="reward: maximise score x (latency / target)^w; pareto: two objectives (score up, "
+        "latency down), the Pareto front kept (autokd and random only)")
+    space: dict[str, list[Any]] = Field(default_factory=dict, description="choices per dimension, overriding "
+                                        "kdforge.search.space defaults (layers, hidden_size, head_dim, "
+                                        "intermediate_size, hidden_act, blocks, width, temperature, kd_weight); "
+                                        "[] = not searched")
+    proxy_rows: PositiveInt = Field(1000, description="training rows every candidate learns from (a fixed subset)")
+    proxy_epochs: PositiveInt = Field(2, description="epochs of each candidate's mini-distillation (the fidelity "
+                                      "autokd prunes on)")
+    validation: float = Field(0.1, gt=0, lt=1, description="fraction of the training rows carved off as the "
+                              "validation split candidates are scored on, when task.validation is not set")
+    candidate_objectives: list[ObjectiveConfig] | None = Field(
+        None, description="terms added to the config's objectives for every candidate; default: "
+        "tinybert_hidden (each student layer's hidden state, projected, learns from its mapped teacher layer, "
+        "as KD-NAS does) for transformer students, none for CNNs")
+    target_speedup: PositiveFloat = Field(3.0, description="the target latency = the teacher's latency / this")
+    reward_weight: float = Field(-0.07, le=0, description="w of the reward score x (latency / target)^w "
+                                 "(MnasNet's soft constraint)")
+    latency_batch_size: PositiveInt | None = Field(None, description="batch size of the latency measurement; "
+                                                   "default: the largest of eval.latency_batch_sizes")
+    latency_repeats: PositiveInt = Field(10, description="interleaved rounds (candidate and teacher) per trial")
+    final_top: NonNegativeInt = Field(2, description="the best candidates distilled on the full training set "
+                                      "with the job's settings and reported (0 = none)")
+    seed: int = 0
+    storage: str | None = Field(None, description="Optuna storage URL; default: sqlite:///<output_dir>/study.db "
+                                "(one machine); postgresql://... for workers on many machines")
+    study_name: str | None = Field(None, description="default: the output folder's name")
+    heartbeat_s: PositiveInt = Field(30, description="a worker's heartbeat; a trial silent for 2x this is failed "
+                                     "and retried by the next worker")
+
+
 class PTPConfig(Strict):
     """Pea-KD's teacher-prediction labels: thresholds on the teacher's max probability for correct
     (t1) and wrong (t2) predictions; default: the median confidence of each group."""
@@ -218,6 +311,35 @@ class AugmentConfig(Strict):
     copies: PositiveInt = Field(20, description="augmented variants per example (paper: N = 20)")
     p: float = Field(0.4, gt=0, le=1, description="probability of replacing a word (paper: 0.4)")
     k: PositiveInt = Field(15, description="candidates per word (paper: K = 15)")
+    seed: int = 0
+
+
+class FSBBTConfig(Strict):
+    """FS-BBT (Nguyen et al., ECCV 2022, black-box few-shot KD; ``data: fsbbt``): the task's few training
+    inputs (labels ignored; ``task.train_limit`` sets how many) grown into a synthetic set that the
+    black-box teacher labels once. Images: the originals, a MixUp pool of ``copies`` x N pairs (pairs with
+    lambda <= threshold or >= 1 - threshold dropped) and CVAE images (as many as the pool dropped).
+    Text: the originals and ``augment.copies`` TinyBERT variants of each. Defaults: the authors' code
+    (kdforge.fsbbt.mixup, kdforge.fsbbt.cvae)."""
+
+    mixup: bool = Field(True, description="images: the MixUp pool; text: the TinyBERT-augmented copies")
+    cvae: bool = Field(True, description="images: CVAE images (trained on the originals with the teacher's "
+                       "argmax labels); text: not used")
+    copies: PositiveInt = Field(20, description="MixUp pairs per original image (paper: 20 on CIFAR-10)")
+    mixup_alpha: PositiveFloat = Field(1.0, description="lambda ~ Beta(alpha, alpha) of the pool (paper: 1)")
+    threshold: float = Field(0.05, ge=0, lt=0.5, description="pairs with lambda <= threshold or >= 1 - threshold "
+                             "are dropped (rounded to 2 decimals; paper: 0.05)")
+    synthetic: NonNegativeInt | None = Field(None, description="CVAE images; default: as many as the MixUp pool "
+                                             "dropped, or copies x N without the pool")
+    cvae_epochs: PositiveInt = Field(600, description="paper: 600 on CIFAR-10")
+    cvae_batch_size: PositiveInt = 64
+    cvae_lr: PositiveFloat = 1e-3
+    latent_dim: PositiveInt = Field(2, description="paper: 2")
+    batch_mixup: bool = Field(True, description="soft_labels strategy: mixup of each image batch (inputs and "
+                              "targets); off for text")
+    batch_mixup_alpha: PositiveFloat = Field(1.0, description="lambda_i ~ Beta(alpha, alpha) per sample (paper: 1)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="text: the TinyBERT augmentation, "
+                                   "over the student's input embeddings")
     seed: int = 0
 
 
@@ -240,8 +362,9 @@ class StageConfig(Strict):
     loss terms, training overrides and head."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    data: Literal["task", "ptp", "corpus"] = Field("task", description="task: the task's labelled data; "
-                                                   "ptp: teacher-prediction labels (Pea-KD); corpus: unlabeled text")
+    data: Literal["task", "ptp", "corpus", "fsbbt"] = Field(
+        "task", description="task: the task's labelled data; ptp: teacher-prediction labels (Pea-KD); corpus: "
+        "unlabeled text; fsbbt: the few training inputs grown and labelled by a black-box teacher (FS-BBT)")
     learner: str = Field("student", description="the role trained in this stage: `student` or an assistant")
     teachers: list[str] | None = Field(None, description="the roles it learns from (teachers, assistants "
                                        "trained in earlier stages); default: every teacher of the job")
@@ -251,6 +374,7 @@ class StageConfig(Strict):
         "(kdforge.cache), live = every step, auto = the cache where it is exact")
     corpus: CorpusConfig | None = None
     ptp: PTPConfig = Field(default_factory=PTPConfig)
+    fsbbt: FSBBTConfig = Field(default_factory=FSBBTConfig, description="`data: fsbbt`: the synthetic set")
     objectives: list[ObjectiveConfig]
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the job's train section")
     head: Literal["keep", "reinit"] = Field("keep", description="reinit: a fresh classification head first")
@@ -286,6 +410,7 @@ class JobConfig(Strict):
     teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     stages: list[StageConfig] | None = Field(None, description="a multi-stage recipe; default: one stage "
                                              "named distill with `objectives` and `train`")
     output_dir: str = "runs/job"
@@ -327,9 +452,20 @@ class JobConfig(Strict):
         names = [s.name for s in self.stages or []]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique (got {names})")
-        if self.stages and self.stages[-1].data != "task":
-            raise ValueError("the last stage must learn the task itself (`data: task`): the student is "
+        if self.stages and self.stages[-1].data not in ("task", "fsbbt"):
+            raise ValueError("the last stage must learn the task itself (`data: task` or `fsbbt`): the student is "
                              "exported and evaluated on the task after it")
+        for i, stage in enumerate(self.all_stages()):
+            roles = self.stage_teachers(stage)
+            first = self.teacher_configs().get(roles[0]) if roles else None
+            if stage.data == "fsbbt" and (first is None or first.black_box is None):
+                raise ValueError(f"stages.{i}: `data: fsbbt` is labelled by a black-box teacher, but the stage's first "
+                                 f"teacher ({roles[0] if roles else 'none'}) is not one; give it a `black_box:` "
+                                 "section (url, file or callable)")
+            if stage.augment is not None and first is not None and first.black_box is not None:
+                raise ValueError(f"stages.{i}.augment: the TinyBERT augmentation reads the teacher's embeddings, "
+                                 "which a black-box teacher does not show; use `data: fsbbt` (it augments with the "
+                                 "student's)")
         for i, stage in enumerate(self.stages or []):
             try:
                 self.stage_train(stage)

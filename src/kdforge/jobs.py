@@ -11,6 +11,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from kdforge.blackbox.teacher import BlackBoxes, black_box_teacher, is_black_box
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, ObjectiveConfig, TeacherConfig, dump_config, load_config
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
@@ -109,13 +110,41 @@ def finetune_teacher(config: JobConfig, task: Task, role: str, resume: bool = Fa
     return teacher
 
 
-def get_teacher(config: JobConfig, task: Task, resume: bool = False, role: str | None = None) -> LoadedModel:
+def black_box_tokenizer(config: JobConfig, task: Task):
+    """The tokenizer that collates text for a black-box teacher (whose own is unknown): the student's
+    (``student.model``), else that of the primary teacher's model the student is built from."""
+    from transformers import AutoTokenizer
+
+    from kdforge.models.loading import resolve_model_source
+
+    if task.modality != "text":
+        return None
+    primary = config.teacher_configs()[primary_teacher(config)]
+    spec, key = (config.student.model, "student.model") if config.student is not None and config.student.model \
+        else (primary.model, "teacher.model")
+    if spec is None:
+        raise KDForgeError("a student learning from a black-box teacher must be `student.model` (a model of its "
+                           "own with its tokenizer): the teacher's layers and vocabulary are not visible")
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_source(spec, key))
+    except (OSError, ValueError) as err:
+        raise KDForgeError(f"cannot load the tokenizer of {key} {spec!r} ({str(err).splitlines()[0]}); give a "
+                           "model folder saved with its tokenizer") from None
+
+
+def get_teacher(config: JobConfig, task: Task, resume: bool = False, role: str | None = None,
+                black_boxes: BlackBoxes | None = None, tokenizer=None) -> LoadedModel:
     """Teacher ``role`` (default: the primary one), trained on the task: reused from its folder when
     its fingerprint (model, data, preprocessing, fine-tuning settings) matches, fine-tuned now
-    otherwise, or its ``model`` as is when it has no ``finetune``."""
+    otherwise, or its ``model`` as is when it has no ``finetune``. A black-box teacher is its
+    :class:`~kdforge.blackbox.teacher.BlackBoxModule` (``black_boxes``: functions registered by name for
+    ``black_box.callable``), collated with ``tokenizer`` (default: :func:`black_box_tokenizer`)."""
     role = role or primary_teacher(config)
     spec = config.teacher_configs()[role]
     key = teacher_key(role)
+    if spec.black_box is not None:
+        tokenizer = tokenizer if tokenizer is not None else black_box_tokenizer(config, task)
+        return black_box_teacher(spec.black_box, task, f"{key}.black_box", black_boxes, tokenizer)
     if spec.finetune is None:
         return load_model(spec.model, task, f"{key}.model", trained_head=True)
     out = teacher_dir(config.output_dir, role)
@@ -149,13 +178,16 @@ def training_texts(config: JobConfig, task: Task) -> list[str]:
     return texts
 
 
-def load_models(config: JobConfig, task: Task, resume: bool = False) -> dict[str, LoadedModel]:
-    """Every role's model: the teachers (fine-tuned when asked), the student and the assistants,
-    both built from the primary teacher."""
+def load_models(config: JobConfig, task: Task, resume: bool = False,
+                black_boxes: BlackBoxes | None = None) -> dict[str, LoadedModel]:
+    """Every role's model: the teachers (fine-tuned when asked; black boxes collated with the tokenizer
+    of the first teacher with a model, else the student's), the student and the assistants, both built
+    from the primary teacher."""
     models: dict[str, LoadedModel] = {}
     for role in config.teacher_configs():
         seed_everything(config.train.seed)
-        models[role] = get_teacher(config, task, resume, role)
+        tokenizer = next((m.tokenizer for m in models.values() if not is_black_box(m)), None)
+        models[role] = get_teacher(config, task, resume, role, black_boxes, tokenizer)
     primary = models[primary_teacher(config)]
     texts = training_texts(config, task) if any(
         s.vocab_fraction for s in [config.student, *config.assistants.values()]) else None
@@ -194,10 +226,13 @@ def finished_result(config: JobConfig, run_dir: Path) -> RunResult | None:
         raise KDForgeError(f"{path} does not hold kdforge's teacher and student reports; {fix}") from None
 
 
-def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False, callbacks=()) -> RunResult:
+def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False, callbacks=(),
+                black_boxes: BlackBoxes | None = None) -> RunResult:
     """The whole job: teachers (fine-tuned if asked), student and assistants, every stage, export,
     report. ``resume`` skips finished stages and resumes the interrupted one; on a finished run it
-    changes nothing and returns its results. See the module docstring for ``overwrite``."""
+    changes nothing and returns its results. See the module docstring for ``overwrite``.
+    ``black_boxes``: functions ``fn(list of protocol inputs) -> probabilities`` that a teacher's
+    ``black_box.callable`` names."""
     if config.student is None:
         raise KDForgeError("the config has no `student` section; add e.g. `student: {layers: [0, 5]}`")
     main = launch_rank() == 0
@@ -209,7 +244,7 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
                 root.exists() and not keep for root, keep in checkpoint_roots(config, run_dir))):
             finish_run(config, run_dir)  # a kill came after the results were written, before the clean-up
         return done if main else None  # type: ignore[return-value]
-    check_job(config, "distill")  # devices, folders, models, lengths: refused before any file is written
+    check_job(config, "distill", black_boxes)  # devices, folders, models, lengths: refused before any file is written
     check_stages(config)  # bad strategies, roles or objective settings too
     run_dir = prepare_output_dir(config, resume, overwrite)
     timer = PhaseTimer()
@@ -219,7 +254,7 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
                 atomic_write_text(run_dir / "config.yaml", dump_config(config))
             task = build_task(config.task)
             with timer.phase("teachers and students built (teachers fine-tuned)"):
-                models = load_models(config, task, resume)
+                models = load_models(config, task, resume, black_boxes)
             with timer.phase("training stages"):
                 history = run_stages(config, task, models, run_dir, resume, callbacks)
             if not PartialState().is_main_process:
@@ -279,11 +314,18 @@ def finished_run(target: str | Path, overrides=None) -> tuple[JobConfig, Path]:
     return config, run_dir
 
 
-def run_models(config: JobConfig, run_dir: Path, task: Task) -> dict[str, LoadedModel]:
-    """A finished run's models: teachers from their fine-tuned folders (or their config), every role a
-    stage trained from ``models/<role>/``, and the exported student."""
+def run_models(config: JobConfig, run_dir: Path, task: Task,
+               black_boxes: BlackBoxes | None = None) -> dict[str, LoadedModel]:
+    """A finished run's models: teachers from their fine-tuned folders (or their config; black boxes
+    collated with the student's tokenizer), every role a stage trained from ``models/<role>/``, and the
+    exported student."""
     models = {}
+    student = load_model(str(run_dir / "student"), task, "student")
     for role, spec in config.teacher_configs().items():
+        if spec.black_box is not None:
+            models[role] = black_box_teacher(spec.black_box, task, f"{teacher_key(role)}.black_box", black_boxes,
+                                             student.tokenizer)
+            continue
         folder = teacher_dir(run_dir, role) / "model"
         models[role] = load_model(str(folder) if folder.is_dir() else spec.model, task)
     for role in trained_roles(config):
@@ -291,7 +333,7 @@ def run_models(config: JobConfig, run_dir: Path, task: Task) -> dict[str, Loaded
         if not folder.is_dir():
             raise KDForgeError(f"{folder} does not exist (the run trained {role}); distill again with --overwrite")
         models[role] = load_model(str(folder), task, role)
-    models[STUDENT] = load_model(str(run_dir / "student"), task, "student")
+    models[STUDENT] = student
     return models
 
 
@@ -307,7 +349,8 @@ def dated_folder(run_dir: Path, kind: str) -> Path:
     return folder
 
 
-def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool = False) -> RunResult:
+def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool = False,
+             black_boxes: BlackBoxes | None = None) -> RunResult:
     """Evaluate the teachers, the exported student and the run's ONNX files (those in ``exports/``;
     ``onnx``/``int8`` export them first) of a finished run, written as a new dated evaluation in
     ``RUN_DIR/evaluations/<date>/``; the run's own report and metrics stay as they are."""
@@ -319,7 +362,7 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
     timer = PhaseTimer()
     with log_file(run_dir):
         task = build_task(config.task)
-        models = run_models(config, run_dir, task)
+        models = run_models(config, run_dir, task, black_boxes)
         with timer.phase("export"):
             onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run_dir) \
                 if onnx or int8 else existing_exports(run_dir)
@@ -342,9 +385,10 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     task = build_task(config.task)
     models = run_models(config, run_dir, task)
     onnx_files = existing_exports(run_dir)
-    forms = build_forms(config, task, models, primary_teacher(config), onnx_files)
-    log.info("timing %s interleaved: %d rounds per batch size %s", ", ".join(f.name for f in forms),
-             config.eval.latency_repeats, config.eval.latency_batch_sizes)
+    forms = [f for f in build_forms(config, task, models, primary_teacher(config), onnx_files) if f.forward]
+    log.info("timing %s interleaved: %d rounds per batch size %s (black-box teachers are not timed: their "
+             "round trip is in the run's report)", ", ".join(f.name for f in forms), config.eval.latency_repeats,
+             config.eval.latency_batch_sizes)
     timing = time_forms(forms, config.eval)
     provenance = collect_provenance(config, function="bench_latency")
     out_dir = dated_folder(run_dir, "latency")
@@ -352,7 +396,8 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     atomic_write_json(out_dir / "latency.json", {**timing, "provenance": provenance})
     noise = describe_latency_noise(timing)
     headers, rows = latency_table(timing)
-    lines = [f"seq len {config.eval.latency_seq_len}, threads {timing['models']['teacher']['threads']}, "
+    threads = next(iter(timing["models"].values()))["threads"]
+    lines = [f"seq len {config.eval.latency_seq_len}, threads {threads}, "
              f"{config.eval.latency_repeats} interleaved rounds; CPU {provenance['cpu']}; {provenance['date']}",
              *([f"WARNING: {noise}"] if noise else [])]
     atomic_write_text(out_dir / "latency.md", render_markdown([("h1", f"Latency of {run_dir}"),

@@ -6,7 +6,9 @@ or cache folder that is a file or not writable, bad objective settings (negative
 mistakes), a model that is missing, truncated or only on an unreachable hub, ``student.config``
 values of the wrong kind, and lengths (``task.max_length``, ``eval.latency_seq_len``...) beyond a
 model's position embeddings. Models are instantiated on the ``meta`` device only, so the check
-costs a config read, not a model load.
+costs a config read, not a model load. Black-box teachers: a URL that is malformed or refuses
+connections, a predictions file that is missing, a callable that cannot be found, a cache folder that
+is a file, a non-classification task, and a student that is not a ``student.model`` of its own.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: b
             if hf_config is not None:
                 _check_built(hf_config, causal, lengths, f"{prefix}.model {learner.model!r}", f"{prefix}.model")
     elif learner.config is not None and teacher_config is not None:
-        merged = override_config(teacher_config, learner.config, f"{prefix}.config")
+        depth = {"num_hidden_layers": len(learner.layers)} if learner.layers is not None else {}  # sliced
+        merged = override_config(teacher_config, {**depth, **learner.config}, f"{prefix}.config")
         _check_built(merged, causal, lengths, f"the {prefix} ({prefix}.config)", f"{prefix}.config")
 
 
@@ -162,6 +165,8 @@ def check_models(config: JobConfig, command: str) -> None:
     first_config = None
     for role, teacher in teachers.items():
         key = "teacher.model" if role == "teacher" else f"teachers.{role}.model"
+        if teacher.black_box is not None:
+            continue  # check_black_boxes
         if not _is_hf_spec(teacher.model):
             check_weight_files(teacher.model)
             continue
@@ -201,13 +206,75 @@ def check_exports(config: JobConfig) -> None:
                            "export to ONNX (sequence classifiers and vision nets only); set export.onnx: false")
 
 
-def check_job(config: JobConfig, command: str = "distill") -> None:
+def _check_reachable(url: str, timeout_s: float, key: str) -> None:
+    """A TCP connection to the URL's host and port opens (skipped when a proxy would carry the request)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if urllib.request.getproxies().get(parts.scheme) and host not in ("127.0.0.1", "localhost", "::1") \
+            and not urllib.request.proxy_bypass(host):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=min(timeout_s, 10.0)).close()
+    except OSError as err:
+        raise KDForgeError(f"black-box teacher {url} is unreachable ({err.strerror or err}); start the server or "
+                           f"fix {key}.url") from None
+
+
+def check_black_boxes(config: JobConfig, command: str, black_boxes=None) -> None:
+    """Every black-box teacher: its source (URL syntax and reachability, predictions file, callable) and cache
+    folder; a classification task; and learners of their own (``student.model``) when the primary teacher is
+    a black box (the teacher's layers, config and vocabulary are not visible)."""
+    from kdforge.blackbox.clients import HttpTeacher
+    from kdforge.blackbox.teacher import cache_folder, resolve_callable
+    from kdforge.tasks.base import TASKS
+
+    teachers = config.teacher_configs()
+    black = {role: t.black_box for role, t in teachers.items() if t.black_box is not None}
+    if not black or command != "distill":
+        return
+    task_cls = TASKS.get(config.task.name, "task.name")
+    problem = "regression" if config.task.problem_type == "regression" else getattr(task_cls, "problem_type", None)
+    if problem != "classification":
+        raise KDForgeError(f"task {config.task.name} is a {problem} task but a black-box teacher answers class "
+                           "probabilities; use a classification task or a teacher `model`")
+    if next(iter(teachers)) in black:
+        learners = {"student": config.student} if config.student is not None else {}
+        learners.update({f"assistants.{name}": a for name, a in config.assistants.items()})
+        for prefix, learner in learners.items():
+            if learner.model is None:
+                raise KDForgeError(f"{prefix}: a learner of a black-box teacher must be `{prefix}.model` (a model "
+                                   "of its own): the teacher's layers and config are not visible")
+            if learner.vocab_fraction is not None:
+                raise KDForgeError(f"{prefix}.vocab_fraction compresses the vocabulary with the teacher's "
+                                   "embeddings, which a black-box teacher does not show; remove it")
+    for role, spec in black.items():
+        key = ("teacher" if role == "teacher" else f"teachers.{role}") + ".black_box"
+        check_writable_folder(cache_folder(spec), f"{key}.cache_dir" if spec.cache_dir else "KDFORGE_CACHE")
+        if spec.url is not None:
+            HttpTeacher(spec.url, 1, timeout_s=spec.timeout_s, retries=spec.retries,
+                        rate_limit_per_s=spec.rate_limit_per_s, batch_size=spec.batch_size)  # URL syntax
+            _check_reachable(spec.url, spec.timeout_s, key)
+        elif spec.file is not None and not Path(spec.file).expanduser().is_file():
+            raise KDForgeError(f"{key}.file {spec.file} does not exist; give the JSON-lines file of the "
+                               "teacher's predictions")
+        elif spec.callable is not None:
+            resolve_callable(spec.callable, black_boxes, key)
+
+
+def check_job(config: JobConfig, command: str = "distill", black_boxes=None) -> None:
     """Everything ``kdforge distill`` (``command="distill"``, also the demo) or ``kdforge finetune``
-    (``"finetune"``) can refuse before it writes a file or trains a step; one KDForgeError line."""
+    (``"finetune"``) can refuse before it writes a file or trains a step; one KDForgeError line.
+    ``black_boxes``: the functions registered by name for ``black_box.callable``."""
     check_devices(config)
     check_trackers(config)
     check_exports(config)
     check_folders(config, command)
+    check_black_boxes(config, command, black_boxes)
     if command == "distill":
         check_objectives(config)
     check_models(config, command)

@@ -48,10 +48,18 @@ def required_tree(config: JobConfig) -> dict[str, Any]:
     section and/or the named ``teachers``), as a config tree."""
     tree: dict[str, Any] = {"task": {"name": config.task.name}}
     if config.teacher is not None:
-        tree["teacher"] = {"model": config.teacher.model}
+        tree["teacher"] = _required_teacher(config.teacher)
     if config.teachers:
-        tree["teachers"] = {name: {"model": t.model} for name, t in config.teachers.items()}
+        tree["teachers"] = {name: _required_teacher(t) for name, t in config.teachers.items()}
     return tree
+
+
+def _required_teacher(teacher: TeacherConfig) -> dict[str, Any]:
+    """A teacher's ``model``, or its ``black_box`` source (url, file or callable)."""
+    if teacher.black_box is None:
+        return {"model": teacher.model}
+    return {"black_box": teacher.black_box.model_dump(mode="json", include={"url", "file", "callable"},
+                                                      exclude_none=True)}
 
 
 def default_config(config: JobConfig) -> JobConfig:

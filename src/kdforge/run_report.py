@@ -6,6 +6,10 @@ and the student as int8 (``exports/student.int8.onnx``, ``export.int8``); each f
 reported split, then all timed interleaved; the majority-class baseline on the same split; sanity
 warnings; per-class scores; training curves; provenance. Writes ``report.md``/``report.html`` (+ PNGs)
 and, last, ``metrics.json``.
+
+A black-box teacher (:mod:`kdforge.blackbox.teacher`) is scored like a model (its answers cached) but
+neither exported nor timed (timing it would spend its query budget); the report and ``metrics.json``
+(``black_box``: per role) state the queries the run made, the cache hits and the measured round trip.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kdforge.blackbox.teacher import is_black_box, stats_line
 from kdforge.config import STUDENT, JobConfig, dump_config
-from kdforge.evaluation.evaluate import Form, evaluate_forms, onnx_form, pytorch_form
+from kdforge.evaluation.evaluate import Form, onnx_form, pytorch_form, score_form, time_forms
 from kdforge.evaluation.latency import describe_latency_noise
 from kdforge.evaluation.report import ModelReport, comparison_summary, format_table
 from kdforge.evaluation.report_page import Findings, write_report
@@ -50,7 +55,12 @@ def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel,
 
     paths = export_paths(run_dir)
     paths["teacher onnx fp32"].parent.mkdir(parents=True, exist_ok=True)
+    if is_black_box(teacher):
+        log.info("the teacher is a black box: no ONNX export of it")
+        del paths["teacher onnx fp32"]
     for name, loaded in (("teacher onnx fp32", teacher), ("student onnx fp32", student)):
+        if name not in paths:
+            continue
         log.info("exporting the %s to %s", name.split()[0], paths[name])
         export_onnx(loaded, paths[name], opset=config.export.opset)
     if not config.export.int8:
@@ -66,12 +76,37 @@ def build_forms(config: JobConfig, task: Task, models: dict[str, LoadedModel], t
     """The primary teacher and the student in PyTorch, every ONNX file given, then the job's other roles
     (teachers, assistants, peers) in PyTorch; the teacher first: the speedups' reference."""
     teacher, student = models[teacher_role], models[STUDENT]
-    forms = [pytorch_form("teacher", teacher, task, config.eval), pytorch_form("student", student, task, config.eval)]
+    forms = [model_form("teacher", teacher, task, config), model_form("student", student, task, config)]
     for name, path in onnx_files.items():
         forms.append(onnx_form(name, path, teacher if name.startswith("teacher") else student, task, config.eval))
-    forms += [pytorch_form(role, loaded, task, config.eval) for role, loaded in models.items()
+    forms += [model_form(role, loaded, task, config) for role, loaded in models.items()
               if role not in (teacher_role, STUDENT)]
     return forms
+
+
+def model_form(name: str, loaded: LoadedModel, task: Task, config: JobConfig) -> Form:
+    """The PyTorch form of a model; a black-box teacher's form is scored only (``forward`` None: not timed,
+    no parameters or size of its own to report)."""
+    if is_black_box(loaded):
+        from kdforge.models.adapter import ModelAdapter
+
+        return Form(name, ModelAdapter(loaded.model), None, loaded.tokenizer, 0, 0.0)  # type: ignore[arg-type]
+    return pytorch_form(name, loaded, task, config.eval)
+
+
+def score_and_time(forms: list[Form], task: Task, data, config: JobConfig) -> tuple[dict[str, ModelReport], dict]:
+    """Each form's :class:`ModelReport` on ``data``, then every timed form (``forward`` set) measured interleaved
+    (:func:`kdforge.evaluation.evaluate.time_forms`, the first timed form the speedups' reference)."""
+    reports = {f.name: score_form(f, task, data, config.eval) for f in forms}
+    timing = time_forms([f for f in forms if f.forward is not None], config.eval)
+    for name, report in reports.items():
+        report.latency = {**timing["models"][name], "interleaved": True} if name in timing["models"] else {}
+    return reports, timing
+
+
+def black_box_stats(models: dict[str, LoadedModel]) -> dict[str, dict[str, Any]]:
+    """The queries of every black-box role (:meth:`kdforge.blackbox.teacher.BlackBoxModule.stats`)."""
+    return {role: loaded.model.stats() for role, loaded in models.items() if is_black_box(loaded)}
 
 
 def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task, models: dict[str, LoadedModel],
@@ -83,6 +118,9 @@ def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task
     train = task.split("train")
     for name, role in (("teacher", teacher_role), ("student", STUDENT),
                        *((r, r) for r in models if r not in (teacher_role, STUDENT))):
+        if is_black_box(models[role]):
+            log.info("sharpness of the %s: not measured (a black box has no visible loss surface)", name)
+            continue
         log.info("sharpness of the %s: %d power iterations on %d training rows", name,
                  config.eval.sharpness_iterations, min(config.eval.sharpness_samples, len(train)))
         reports[name].sharpness = model_sharpness(models[role], task, train, config.eval)["eigenvalue"]
@@ -125,7 +163,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     ``metrics.json`` holds (written last by the caller's :func:`write_metrics`)."""
     data = task.split(task.eval_split)
     forms = build_forms(config, task, models, teacher_role, onnx_files)
-    reports, timing = evaluate_forms(forms, task, data, config.eval)
+    reports, timing = score_and_time(forms, task, data, config)
+    black_box = black_box_stats(models)  # after scoring: the evaluation's queries count
     if config.eval.sharpness:
         add_sharpness(reports, config, task, models, teacher_role)
     teacher, student = reports["teacher"], reports["student"]
@@ -141,7 +180,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
                         histories=phase_histories(config, history, teacher_dirs), provenance=provenance,
-                        greater_is_better=task.greater_is_better)
+                        greater_is_better=task.greater_is_better,
+                        notes=[stats_line(role, stats) for role, stats in black_box.items()])
     write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
                  history=history, findings=findings, **splits)
     for line in warnings:
@@ -152,7 +192,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
             "other_roles": {n: r.to_dict() for n, r in roles.items()},
             "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
             "latency": {k: v for k, v in timing.items() if k != "models"},
-            **splits, "provenance": provenance, "history": history or []}
+            **splits, "provenance": provenance, "history": history or [],
+            **({"black_box": black_box} if black_box else {})}
 
 
 def result_table(saved: dict[str, Any]) -> str:
@@ -163,6 +204,7 @@ def result_table(saved: dict[str, Any]) -> str:
                          saved.get("selected_on"), saved.get("reported_on"),
                          ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or ())
     noise = describe_latency_noise(saved["latency"]) if saved.get("latency") else None
+    table = "\n".join([table, *(stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items())])
     return f"{table}\nWARNING: {noise}" if noise else table
 
 
@@ -193,13 +235,14 @@ def write_student_card(config: JobConfig, task: Task, run_dir: Path, saved: dict
     from kdforge.model_card import write_model_card
 
     teacher_spec = next(iter(config.teacher_configs().values()))
+    teacher_source = teacher_spec.model or f"a black box ({teacher_spec.black_box.describe()})"
     student = config.student.model_dump(exclude_defaults=True)
     described = ", ".join(f"{k}: {v}" for k, v in student.items()) or "the teacher's architecture"
     pipeline_tag = {"language_modeling": "text-generation"}.get(task.problem_type) or (
         "image-classification" if task.modality == "image" else "text-classification")
     return write_model_card(
         run_dir / STUDENT, task_name=task.name, metrics=saved["student"]["metrics"],
-        teacher_metrics=saved["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_spec.model,
+        teacher_metrics=saved["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_source,
         objectives=list(dict.fromkeys(o.name for s in config.all_stages() for o in s.objectives)),
         student_description=f"built from the teacher ({described})", params=saved["student"]["params"],
         size_mb=saved["student"]["size_mb"], latency_ms=saved["student"]["latency"].get("batch_sizes"),

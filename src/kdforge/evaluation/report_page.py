@@ -49,6 +49,7 @@ class Findings:
     histories:  training history per phase (``"teacher fine-tune"``, ``"stage distill"``).
     provenance: :func:`kdforge.provenance.collect_provenance` plus ``phases`` (wall seconds) and ``data``
                 (rows per split).
+    notes:      lines shown under the teacher-vs-student table (e.g. a black-box teacher's queries).
     """
 
     baseline: ModelReport | None = None
@@ -58,6 +59,7 @@ class Findings:
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     provenance: dict[str, Any] | None = None
     greater_is_better: bool = True
+    notes: list[str] = field(default_factory=list)
 
 
 def _speedup_cell(latency: dict | None, name: str, batch_size: int) -> str:
@@ -139,6 +141,7 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
     blocks += [("h2", "Teacher vs student"),
                ("table", as_table(comparison_rows(teacher, student, findings.baseline))),
                *(("p", line) for line in footer_lines(teacher, student, findings.baseline)),
+               *(("p", line) for line in findings.notes),
                *([("p", selection)] if selection else [])]
     if len(findings.forms) > 2 or findings.latency:
         blocks += [("h2", "Every model and form (measured interleaved in one process)"),

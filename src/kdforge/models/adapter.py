@@ -7,6 +7,9 @@ output); intermediate features are captured by forward hooks on modules named by
 student's penultimate feature, i.e. what its classification head reads) is captured by a forward
 pre-hook for each path in ``input_paths``, under ``Outputs.features["input:" + path]``.
 
+A module whose class sets ``reads_batch = True`` (a black-box teacher, :mod:`kdforge.blackbox.teacher`)
+gets the whole batch, raw sentences included, and returns its logits.
+
 Attention maps: transformers 5 runs sdpa attention, which returns no maps. Only when an
 objective needs them does the adapter switch that model to the eager implementation.
 """
@@ -23,8 +26,9 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
 
-#: batch keys that are never model inputs: targets and example positions
-NON_INPUT_KEYS = ("labels", "index", "teacher_input_ids")
+#: batch keys that are never model inputs: targets, example positions, the raw sentences of a text batch
+#: (read by black-box teachers) and stored teacher probabilities (FS-BBT)
+NON_INPUT_KEYS = ("labels", "index", "teacher_input_ids", "texts", "soft_labels")
 
 
 def _first_tensor(value: Any) -> torch.Tensor:
@@ -97,7 +101,9 @@ class ModelAdapter(nn.Module):
         inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
         if self.teacher and "teacher_input_ids" in batch:
             inputs["input_ids"] = batch["teacher_input_ids"]
-        if is_hf_model(self.model):
+        if getattr(self.model, "reads_batch", False):
+            result = Outputs(logits=self.model(batch))
+        elif is_hf_model(self.model):
             out = self.model(**inputs, output_hidden_states=self.hidden_states or None,
                              output_attentions=self.attentions or None, return_dict=True)
             result = Outputs(logits=out.logits,

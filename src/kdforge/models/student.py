@@ -1,9 +1,13 @@
-"""Build a student: from the teacher's own layers, from a resized teacher config, or given.
+"""Build a student: from the teacher's own layers, from a resized teacher config, from the teacher's
+layers sliced to narrower widths, or given.
 
 Layer selection (DistilBERT, Sanh et al. 2019; PKD, Sun et al. 2019): the student has the
 teacher's architecture with ``len(layers)`` transformer layers; student layer j starts from
 teacher layer ``layers[j]``, and everything outside the layer stack (embeddings, pooler, head)
 is copied. The student keeps the teacher's tokenizer.
+
+Sliced initialisation (a narrower, shallower student, as searched by KD-NAS, Trivedi et al. 2023):
+the chosen teacher layers, then every tensor cut to its leading indices (:func:`student_sliced`).
 """
 
 from __future__ import annotations
@@ -35,15 +39,8 @@ def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
     student = type(teacher)(config)
-    stack = re.escape(layer_stack_path(teacher))
-    pattern = re.compile(rf"^{stack}\.(\d+)\.(.*)$")
-    teacher_state = teacher.state_dict()
-    state = {}
-    for key in student.state_dict():
-        match = pattern.match(key)
-        source = f"{match.group(0)[:match.start(1)]}{layers[int(match.group(1))]}.{match.group(2)}" if match else key
-        state[key] = teacher_state[source].clone()
-    student.load_state_dict(state)
+    source, teacher_state = _layer_source(teacher, layers), teacher.state_dict()
+    student.load_state_dict({key: teacher_state[source(key)].clone() for key in student.state_dict()})
     return student
 
 
@@ -55,6 +52,66 @@ def student_from_config(teacher: nn.Module, overrides: dict) -> nn.Module:
         return type(teacher)(config)
     except (ValueError, RuntimeError, TypeError, StrictDataclassError) as err:
         raise KDForgeError(f"student.config {overrides} is not a valid model: {str(err).splitlines()[0]}") from None
+
+
+def evenly_spaced_layers(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` teacher layer indices spread evenly over ``0..n_teacher-1``, first and last kept:
+    ``round(j (N - 1) / (L - 1))`` for ``j = 0..L-1`` (Python's ``round``: halves go to the even index),
+    and ``[N - 1]`` for ``L = 1``. 2 of 6 gives ``[0, 5]``, 3 of 6 ``[0, 2, 5]``; strictly increasing."""
+    if not 1 <= n_student <= n_teacher:
+        raise KDForgeError(f"cannot pick {n_student} student layers from a {n_teacher}-layer teacher; "
+                           f"choose 1..{n_teacher} layers")
+    if n_student == 1:
+        return [n_teacher - 1]
+    picked = [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
+    assert all(a < b for a, b in zip(picked, picked[1:], strict=False)), picked  # L <= N: steps >= 1
+    return picked
+
+
+def _layer_source(teacher: nn.Module, layers: list[int]):
+    """A function mapping a student parameter name to the teacher's (student layer j -> ``layers[j]``)."""
+    pattern = re.compile(rf"^{re.escape(layer_stack_path(teacher))}\.(\d+)\.(.*)$")
+
+    def source(key: str) -> str:
+        match = pattern.match(key)
+        return f"{key[:match.start(1)]}{layers[int(match.group(1))]}.{match.group(2)}" if match else key
+
+    return source
+
+
+def student_sliced(teacher: nn.Module, layers: list[int], overrides: dict) -> nn.Module:
+    """Teacher layers ``layers`` (as :func:`student_from_layers`), every weight then sliced to the widths
+    of ``overrides`` (``student.layers`` + ``student.config``; a KD-NAS candidate, Trivedi et al. 2023).
+
+    The student is the teacher's class with ``override_config(teacher.config, overrides)`` and
+    ``len(layers)`` layers; each student tensor ``W_s`` of shape ``(d_0, d_1, ...)`` is the teacher's
+    ``W_t[:d_0, :d_1, ...]``: the first H hidden dimensions, the first F feed-forward units, the first
+    rows/columns of Q/K/V/O; embeddings keep every vocabulary row and their first H columns; LayerNorm
+    its first H entries; the classifier every label and its first H inputs. When ``H / heads`` equals
+    the teacher's head size the leading Q/K/V rows are whole teacher heads; otherwise (or for fused
+    QKV projections) the slice is still a valid initialisation, only not head-aligned. A student
+    tensor with no teacher counterpart (another name, rank, or a dimension wider than the teacher's)
+    keeps its fresh initialisation (logged once)."""
+    n = teacher.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise KDForgeError(f"student.layers {layers} must be a non-empty list of teacher layer indices 0..{n - 1}")
+    if overrides.get("num_hidden_layers", len(layers)) != len(layers):
+        raise KDForgeError(f"student.config.num_hidden_layers is {overrides['num_hidden_layers']} but student.layers "
+                           f"picks {len(layers)} layers; drop student.config.num_hidden_layers")
+    student = student_from_config(teacher, {**overrides, "num_hidden_layers": len(layers)})
+    source, teacher_state = _layer_source(teacher, layers), teacher.state_dict()
+    state, fresh = student.state_dict(), []
+    for key, tensor in state.items():
+        old = teacher_state.get(source(key))
+        if old is None or old.dim() != tensor.dim() or any(s > t for s, t in zip(tensor.shape, old.shape, strict=True)):
+            fresh.append(key)
+            continue
+        state[key] = old[tuple(slice(0, d) for d in tensor.shape)].clone()
+    student.load_state_dict(state)
+    if fresh:
+        log.info("sliced student: %d tensor(s) without a teacher counterpart keep their fresh init: %s",
+                 len(fresh), ", ".join(fresh))
+    return student
 
 
 def _fits(value, current) -> bool:
@@ -143,8 +200,12 @@ def build_student(config: StudentConfig, teacher: LoadedModel, task, texts: list
         raise KDForgeError("student.layers / student.config need a Hugging Face teacher; "
                            "for vision teachers set student.model: vision:NAME")
     else:
-        model = (student_from_layers(teacher.model, config.layers) if config.layers is not None
-                 else student_from_config(teacher.model, config.config))
+        if config.layers is not None and config.config is not None:
+            model = student_sliced(teacher.model, config.layers, config.config)
+        elif config.layers is not None:
+            model = student_from_layers(teacher.model, config.layers)
+        else:
+            model = student_from_config(teacher.model, config.config)
         student = LoadedModel(model, teacher.tokenizer, f"student of {teacher.source}")
         check_max_length(model, getattr(getattr(task, "config", None), "max_length", None), "task.max_length",
                          "the student")

@@ -14,6 +14,9 @@ Written from the papers' architecture descriptions:
   widths 16k, 32k, 64k (strides 1, 2, 2), a final BN-ReLU, global average pooling and a linear
   classifier; depth = 6n + 4 and ``wrn_D_k`` = depth D, widening factor k. No dropout.
 * **small_cnn**: a plain CNN with the same stages (one conv-BN-ReLU each), for tests and 8x8 digits.
+* **Parametric CIFAR ResNets** ``resnet{D}_w{W}`` (not registered, parsed from the name, so a searched
+  student is a plain config value): depth D = 6n + 2, stage widths (W, 2W, 4W) after a W-channel stem;
+  ``resnet20_w16`` is ``resnet20``.
 
 Every net takes ``num_classes`` and ``in_channels`` and returns logits from ``forward(x)``. Features
 are read elsewhere with forward hooks by module path, so the submodules have stable names: ``stem``,
@@ -24,12 +27,14 @@ tensor captured by a hook is never modified afterwards.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
 
+from kdforge.errors import KDForgeError
 from kdforge.registry import Registry
 
 VISION_NETS: Registry[Callable[..., nn.Module]] = Registry("vision net")
@@ -189,8 +194,31 @@ for _name, (_depth, _k) in {"wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2"
 VISION_NETS.register("small_cnn")(SmallCNN)
 
 
+#: ``resnet{depth}_w{width}``: a CIFAR ResNet of that depth with stage widths (w, 2w, 4w) after a w-channel stem
+PARAMETRIC_RESNET = re.compile(r"^resnet(\d+)_w(\d+)$")
+
+
+def parametric_resnet(name: str, config_key: str = "model") -> Callable[..., nn.Module] | None:
+    """The factory of a ``resnet{D}_w{W}`` name (None for other names); a depth not of the form 6n + 2
+    or a zero width is a one-line KDForgeError naming ``config_key``."""
+    match = PARAMETRIC_RESNET.match(name)
+    if match is None:
+        return None
+    depth, width = int(match.group(1)), int(match.group(2))
+    if depth < 8 or (depth - 2) % 6 or width < 1:
+        raise KDForgeError(f"vision net {name!r} (config key `{config_key}`): resnet{{D}}_w{{W}} needs a depth "
+                           "D = 6n + 2 (8, 14, 20, ...) and a width W >= 1, e.g. resnet14_w32")
+    return partial(CifarResNet, depth, channels=(width, 2 * width, 4 * width), stem_channels=width)
+
+
 def build_vision_net(name: str, num_classes: int, in_channels: int = 3, *,
                      config_key: str = "model") -> nn.Module:
-    """A freshly initialised net registered as ``name``; an unknown name is a one-line KDForgeError
-    naming ``config_key`` and the known nets."""
-    return VISION_NETS.get(name, config_key)(num_classes=num_classes, in_channels=in_channels)
+    """A freshly initialised net registered as ``name`` or named ``resnet{D}_w{W}``; an unknown name is a
+    one-line KDForgeError naming ``config_key`` and the known nets."""
+    factory = parametric_resnet(name, config_key)
+    if factory is None:
+        try:
+            factory = VISION_NETS.get(name, config_key)
+        except KDForgeError as err:
+            raise KDForgeError(f"{err}, or resnet{{D}}_w{{W}} (depth 6n + 2, width W; e.g. resnet14_w32)") from None
+    return factory(num_classes=num_classes, in_channels=in_channels)

@@ -1,10 +1,15 @@
 """Every registered strategy and data source: importing this module fills the registries of
-``recipes/base.py``. A new strategy file is added to the import list below."""
+``recipes/base.py``. A new strategy file is added to the import list below.
+
+:func:`check_stages` also refuses, before training, what a black-box teacher cannot do: be trained
+(online strategies) or give an objective anything but its probabilities (hidden states, attention
+maps, hooked features)."""
 
 from __future__ import annotations
 
 from kdforge.config import JobConfig, StageConfig
-from kdforge.objectives.base import objective_params
+from kdforge.errors import KDForgeError
+from kdforge.objectives.base import build_objective, objective_params
 from kdforge.recipes import (  # noqa: F401
     amal,
     assistant_ensemble,
@@ -12,6 +17,7 @@ from kdforge.recipes import (  # noqa: F401
     ces_kd,
     data_sources,
     dml,
+    fsbbt,
     multi_teacher,
     offline,
     sokd,
@@ -30,7 +36,28 @@ def check_stages(config: JobConfig) -> None:
         DATA_SOURCES.get(stage.data, f"stages.{index}.data")
         for i, objective in enumerate(stage.objectives):
             objective_params(objective, i)
-        strategy_for(stage, index).check(config, stage)
+        strategy = strategy_for(stage, index)
+        strategy.check(config, stage)
+        check_black_box_roles(config, stage, strategy)
+
+
+def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strategy) -> None:
+    """A black-box teacher of ``stage`` is frozen and shows only its probabilities (as logits)."""
+    teachers = config.stage_teachers(stage)
+    black = [r for r in teachers if (t := config.teacher_configs().get(r)) is not None and t.black_box is not None]
+    if not black:
+        return
+    if strategy.trains_teachers:
+        raise KDForgeError(f"stage {stage.name!r}: strategy {stage.strategy.name} trains its teachers, but "
+                           f"{black[0]!r} is a black box; use an offline strategy with it")
+    for i, term in enumerate(stage.objectives):
+        objective = build_objective(term, i)
+        reads = objective.requires or getattr(objective.params, "teacher_paths", None)
+        role = next((r for r in black if r in ([term.teacher] if term.teacher else teachers)), None)
+        if objective.uses_teacher and reads and role is not None:
+            raise KDForgeError(f"stage {stage.name!r}: objective {term.name!r} reads the hidden states, attention maps "
+                               f"or module outputs of teacher {role!r}, a black box that shows only class "
+                               "probabilities; bind it to another teacher or use a logit objective (hinton_kd...)")
 
 
 def strategy_names() -> list[str]:

@@ -3,6 +3,8 @@
 * ``task``: the task's own labelled data.
 * ``ptp``: the task relabelled with the teacher's four confidence/correctness classes (Pea-KD).
 * ``corpus``: unlabeled text (general distillation, GLMD's word-prediction stages).
+* ``fsbbt``: the task's few training inputs grown into a synthetic set labelled by a black-box teacher
+  (FS-BBT, :mod:`kdforge.recipes.fsbbt`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from kdforge.config import JobConfig, StageConfig
 from kdforge.models.loading import LoadedModel
 from kdforge.recipes.base import DATA_SOURCES
+from kdforge.recipes.fsbbt import fsbbt_task
 from kdforge.recipes.ptp import PTPTask
 from kdforge.tasks.base import Task
 from kdforge.tasks.corpus import CorpusTask
@@ -28,3 +31,8 @@ def ptp_data(stage: StageConfig, task: Task, teacher: LoadedModel | None, config
 @DATA_SOURCES.register("corpus")
 def corpus_data(stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig, device) -> Task:
     return CorpusTask(stage.corpus, language_model=task.problem_type == "language_modeling")
+
+
+@DATA_SOURCES.register("fsbbt")
+def fsbbt_data(stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig, device) -> Task:
+    return fsbbt_task(stage, task, teacher, config, device)

@@ -154,7 +154,9 @@ def score(value: Any, where: str, fix: str) -> float:
 
 
 class TextCollator:
-    """Tokenizes a batch of text examples with dynamic padding and adds ``labels``.
+    """Tokenizes a batch of text examples with dynamic padding and adds ``labels``, and the raw
+    sentences as ``texts``: one ``(text_a, text_b or None)`` per example (no model input; black-box
+    teachers read them).
 
     A class rather than a closure so DataLoader workers can pickle it."""
 
@@ -174,6 +176,7 @@ class TextCollator:
                                  padding=True, return_tensors="pt")
         out = dict(encoded.items())
         out["labels"] = torch.tensor([example["label"] for example in batch], dtype=self.label_dtype)
+        out["texts"] = list(zip(text_a, text_b or [None] * len(text_a), strict=True))
         return out
 
 

@@ -1,0 +1,148 @@
+"""The search folder's record: every trial (``trials.json``, ``trials.md``) and ``report.md`` /
+``report.html`` with the best students' full runs, the score-latency chart of every candidate with
+its Pareto front, and the best reward found after each trial (how fast the method got there)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from kdforge.config import JobConfig
+from kdforge.evaluation.plots import _new_figure, _png, score_latency_png
+from kdforge.evaluation.render import render_html, render_markdown
+from kdforge.evaluation.report import NA, ModelReport, finite_number, fmt, latency_ms
+from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+
+
+def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
+    """One JSON-ready record per trial: number, state, sampled choices, and what the trial measured."""
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
+            t.datetime_start else None
+        records.append({"number": t.number, "state": t.state.name, "choices": dict(t.params),
+                        "values": list(t.values) if t.values else None, "seconds": duration,
+                        "epochs": len(t.intermediate_values), **{k: v for k, v in t.user_attrs.items()}})
+    return records
+
+
+def describe(choices: dict[str, Any]) -> str:
+    short = {"layers": "L", "hidden_size": "H", "head_dim": "d", "intermediate_size": "F", "hidden_act": "act",
+             "blocks": "n", "width": "w", "temperature": "T", "kd_weight": "a"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in choices.items())
+
+
+def best_so_far(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(trial number, the best reward of the complete trials up to it)."""
+    best, curve = -math.inf, []
+    for r in sorted(records, key=lambda r: r["number"]):
+        if r["state"] == "COMPLETE" and finite_number(r.get("reward")):
+            best = max(best, r["reward"])
+        if best > -math.inf:
+            curve.append((r["number"], best))
+    return curve
+
+
+def progress_png(curve: list[tuple[int, float]], method: str) -> bytes:
+    fig = _new_figure(7.0, 3.6)
+    ax = fig.subplots()
+    ax.step([n + 1 for n, _ in curve], [v for _, v in curve], where="post", color="C0")
+    ax.set(xlabel="trials run", ylabel="best reward so far", title=f"search progress ({method})")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def final_rows(best: list[dict[str, Any]], records: dict[int, dict[str, Any]], metric: str) -> list[list[str]]:
+    rows = []
+    for b in best:
+        teacher, student = ModelReport.from_dict(b["teacher"]), ModelReport.from_dict(b["student"])
+        t_score, s_score = teacher.metrics.get(metric), student.metrics.get(metric)
+        speedups = []
+        for bs in (1, 32):
+            t_ms, s_ms = latency_ms(teacher, bs), latency_ms(student, bs)
+            speedups.append(f"{t_ms / s_ms:.2f}x" if finite_number(t_ms) and finite_number(s_ms) and s_ms else NA)
+        record = records.get(b["trial"], {})
+        rows.append([str(b["rank"]), f"#{b['trial']}", describe(record.get("choices", {})),
+                     fmt(record.get("score"), 4), fmt(s_score, 4), fmt(b.get("validation"), 4),
+                     fmt(100 * s_score / t_score, 1, "%") if finite_number(s_score) and t_score else NA,
+                     *speedups, f"{student.params / 1e6:.2f}M", f"`{b['command']}`"])
+    return rows
+
+
+def trial_rows(records: list[dict[str, Any]]) -> list[list[str]]:
+    return [[f"#{r['number']}", r["state"].lower(), describe(r["choices"]),
+             f"{r['params'] / 1e6:.2f}M" if finite_number(r.get("params")) else NA, fmt(r.get("latency_ms"), 1),
+             fmt(r.get("latency_ratio"), 3), fmt(r.get("score"), 4), fmt(r.get("reward"), 4), str(r.get("epochs", "")),
+             fmt(r.get("seconds"), 0)] for r in sorted(records, key=lambda r: r["number"])]
+
+
+TRIAL_HEADERS = ["trial", "state", "candidate", "params", "latency ms", "/ teacher", "proxy score", "reward",
+                 "epochs", "s"]
+
+
+def final_validation(run_dir: str, metric: str, greater_is_better: bool) -> float | None:
+    """The final run's best validation score (the split carved from training, held out from it)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    values = [h[metric] for h in read_json(path, "").get("history", []) if finite_number(h.get(metric))]
+    return (max(values) if greater_is_better else min(values)) if values else None
+
+
+def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, records: list[dict[str, Any]],
+                        best: list[dict[str, Any]], task) -> str:
+    """Write trials.json / trials.md / report.md / report.html (and the charts) into ``folder``;
+    returns the Markdown of the final students (or of the trials when there are none)."""
+    search, metric = config.search, task.main_metric
+    for b in best:
+        b["validation"] = final_validation(b["run_dir"], metric, task.greater_is_better)
+    atomic_write_json(folder / "trials.json", {"study": study.study_name, "method": search.method,
+                                               "objective": search.objective, "trials": records, "best": best})
+    complete = [r for r in records if r["state"] == "COMPLETE" and finite_number(r.get("score"))]
+    counts = {s: sum(1 for r in records if r["state"] == s) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    bs = search.latency_batch_size or max(config.eval.latency_batch_sizes)
+    teacher_ms = [r["teacher_latency_ms"] for r in complete if finite_number(r.get("teacher_latency_ms"))]
+    blocks: list = [
+        ("h1", f"Architecture search {study.study_name}"),
+        ("p", f"Method **{search.method}**, objective **{search.objective}** (reward = {metric} x (latency / "
+              f"target)^{search.reward_weight}, target = the teacher's latency / {search.target_speedup}). "
+              f"Trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
+              f"{counts['RUNNING']} running. Each candidate distilled {search.proxy_epochs} epoch(s) on "
+              f"{search.proxy_rows} training rows, scored on the validation split; latency at batch size {bs}, "
+              f"interleaved with the teacher"
+              + (f" (teacher median {sorted(teacher_ms)[len(teacher_ms) // 2]:.1f} ms)." if teacher_ms else ".")),
+    ]
+    noisy = [r["number"] for r in complete if r.get("latency_noisy")]
+    if noisy:
+        blocks.append(("warning", f"latency of {len(noisy)} trial(s) was measured on a busy or noisy machine "
+                                  f"(#{', #'.join(map(str, noisy[:10]))}); their ratios to the teacher still hold "
+                                  "better than their milliseconds"))
+    images: dict[str, bytes] = {}
+    if best:
+        by_number = {r["number"]: r for r in records}
+        blocks += [("h2", "Best students (distilled on the full training set)"),
+                   ("table", (["rank", "trial", "candidate", "proxy score", f"dev {metric}", "validation",
+                               "retention", "speedup b1", "speedup b32", "params", "reproduce"],
+                              final_rows(best, by_number, metric))),
+                   ("p", "Each rank's folder holds its full teacher-beside-student report (report.html).")]
+    if complete:
+        points = [{"name": f"#{r['number']}", "score": r["score"], "latency_ms": r["latency_ms"]} for r in complete]
+        images["search-pareto.png"] = score_latency_png(points, f"proxy {metric}", bs, task.greater_is_better)
+        blocks += [("h2", "Every candidate: proxy score against latency"),
+                   ("image", ("search-pareto.png", images["search-pareto.png"], "score vs latency, Pareto front"))]
+    curve = best_so_far(records)
+    if curve and search.objective == "reward":
+        images["search-progress.png"] = progress_png(curve, search.method)
+        blocks.append(("image", ("search-progress.png", images["search-progress.png"], "best reward per trial")))
+    trials_table = ("table", (TRIAL_HEADERS, trial_rows(records)))
+    blocks += [("h2", "Trials"), trials_table]
+    for name, png in images.items():
+        atomic_write_bytes(folder / name, png)
+    atomic_write_text(folder / "trials.md", render_markdown([("h1", f"Trials of {study.study_name}"), trials_table]))
+    atomic_write_text(folder / "report.md", render_markdown(blocks))
+    atomic_write_text(folder / "report.html", render_html(blocks, f"search {study.study_name}"))
+    summary = [b for b in blocks if b[0] == "table"][0]
+    return render_markdown([summary])

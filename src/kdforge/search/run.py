@@ -1,0 +1,182 @@
+"""``kdforge search CONFIG``: student architecture search (KD-NAS, AutoKD, random) on Optuna storage.
+
+One command = one worker (plus ``workers - 1`` local worker processes it starts): the study's
+trials are shared through the storage until ``search.trials`` trials have finished, counted over
+every worker (a worker may finish one trial more than the budget when several end at once). Then
+the command (unless it only ``join``-ed) distills the ``search.final_top`` best candidates on the
+full training set with the job's own settings (``best/rank-<i>/``, each a complete kdforge run with
+its teacher-beside-student report and ``config.yaml`` that reproduces it) and writes the search
+report (:mod:`kdforge.search.report`). Running the same command again resumes: finished trials are
+kept, a trial killed mid-way is run again, finished final runs are reused.
+
+On other machines ``kdforge search CONFIG --join --set search.storage=postgresql://...`` (same
+``search.study_name``) adds workers to the same study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from kdforge.config import PRIMARY_TEACHER, JobConfig, dump_config, validate_config
+from kdforge.errors import KDForgeError
+from kdforge.io import atomic_write_text, file_lock
+from kdforge.models.adapter import is_hf_model
+from kdforge.preflight import check_job
+from kdforge.search.proxy import ProxyTask
+from kdforge.search.report import trial_records, write_search_report
+from kdforge.search.space import SearchSpace
+from kdforge.search.study import FINISHED, finished_count, open_study, storage_url
+from kdforge.search.trial import SearchContext, run_trial
+from kdforge.tasks.base import build_task
+
+log = logging.getLogger("kdforge")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdforge logs every trial itself
+
+
+@dataclass
+class SearchResult:
+    folder: Path
+    trials: list[dict[str, Any]]
+    best: list[dict[str, Any]]
+    table: str
+
+
+def search_config(config: JobConfig) -> JobConfig:
+    """The job as the search runs it: a validation split carved from the training rows
+    (``search.validation``) unless the task names one; refused when the search cannot run it."""
+    if config.stages is not None:
+        raise KDForgeError("search runs single-stage jobs: remove `stages` and give `objectives` (the candidates' "
+                           "logit terms)")
+    if config.assistants:
+        raise KDForgeError("search does not train assistants: remove the `assistants` section")
+    if config.search.method == "kdnas" and config.search.objective == "pareto":
+        raise KDForgeError("search.objective: pareto needs search.method autokd or random (the KD-NAS controller "
+                           "learns from one reward)")
+    tree = config.model_dump(mode="json")
+    if tree["task"]["validation"] is None:
+        tree["task"]["validation"] = config.search.validation
+    if tree["student"] is None:
+        tree["student"] = {"layers": [0]}  # replaced by every candidate; lets the job's checks run
+    return validate_config(tree, "search")
+
+
+def load_teachers(config: JobConfig, task) -> dict:
+    from kdforge.jobs import get_teacher
+
+    return {role: get_teacher(config, task, role=role) for role in config.teacher_configs()}
+
+
+def worker_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def run_worker(ctx: SearchContext, study: optuna.Study) -> None:
+    """Run trials until the study holds ``search.trials`` finished ones."""
+    search = ctx.config.search
+    pareto, prune = search.objective == "pareto", search.method == "autokd"
+    if finished_count(study) >= search.trials:
+        return
+    study.optimize(lambda trial: run_trial(ctx, trial, pareto, prune),
+                   callbacks=[optuna.study.MaxTrialsCallback(search.trials, states=FINISHED)])
+
+
+def spawn_workers(config_path: Path, count: int, threads: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "kdforge.cli", "search", str(config_path), "--join"]
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def ranked_trials(study: optuna.Study, config: JobConfig) -> list[optuna.trial.FrozenTrial]:
+    """Finished candidates, best first: by reward, or (pareto) the front by score; one per candidate."""
+    if config.search.objective == "pareto":
+        ranked = sorted(study.best_trials, key=lambda t: t.values[0],
+                        reverse=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
+    else:
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        ranked = sorted(complete, key=lambda t: t.value, reverse=True)
+    unique: dict[str, optuna.trial.FrozenTrial] = {}
+    for trial in ranked:
+        unique.setdefault(repr(trial.user_attrs.get("overrides")), trial)
+    return list(unique.values())
+
+
+def final_config(config: JobConfig, folder: Path, overrides: dict[str, Any], rank: int) -> JobConfig:
+    """The job with the candidate as its student, into ``best/rank-<rank>``; a teacher the search
+    fine-tuned is used from its folder (not fine-tuned again)."""
+    from kdforge.config import apply_overrides
+    from kdforge.jobs import teacher_dir
+
+    tree = apply_overrides(config.model_dump(mode="json"), overrides)
+    for role, spec in config.teacher_configs().items():
+        tuned = teacher_dir(folder, role) / "model"
+        if spec.finetune is not None and tuned.is_dir():
+            section = tree["teacher"] if role == PRIMARY_TEACHER else tree["teachers"][role]
+            section.update(model=str(tuned), finetune=None)
+    tree["output_dir"] = str(folder / "best" / f"rank-{rank}")
+    return validate_config(tree, f"search final run {rank}")
+
+
+def distill_best(config: JobConfig, study: optuna.Study, folder: Path) -> list[dict[str, Any]]:
+    from kdforge.jobs import run_distill
+
+    best = []
+    for rank, trial in enumerate(ranked_trials(study, config)[:config.search.final_top], start=1):
+        cfg = final_config(config, folder, trial.user_attrs["overrides"], rank)
+        log.info("final run %d: trial %d distilled on the full training set into %s", rank, trial.number,
+                 cfg.output_dir)
+        result = run_distill(cfg, resume=True)
+        best.append({"rank": rank, "trial": trial.number, "run_dir": str(result.run_dir),
+                     "overrides": trial.user_attrs["overrides"], "teacher": result.teacher.to_dict(),
+                     "student": result.student.to_dict(),
+                     "command": f"kdforge distill {Path(cfg.output_dir) / 'config.yaml'}"})
+    return best
+
+
+def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> SearchResult | None:
+    """Run (or resume, or join) the search of ``config``; see the module docstring."""
+    if workers < 1:
+        raise KDForgeError(f"--workers {workers}: give 1 or more worker processes")
+    config = search_config(config)
+    check_job(config, "distill")
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "search-config.yaml"
+    if not join:
+        atomic_write_text(config_path, dump_config(config))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
+    task = build_task(config.task)
+    with file_lock(folder / "teachers.lock"):  # workers started together fine-tune a teacher once
+        teachers = load_teachers(config, task)
+    primary = teachers.get(PRIMARY_TEACHER) or next(iter(teachers.values()))
+    if config.search.objective == "reward" and not task.greater_is_better:
+        raise KDForgeError(f"search.objective: reward multiplies {task.main_metric}, where lower is better; use "
+                           "search.objective: pareto")
+    space = SearchSpace.from_dict(config.search.space, "transformer" if is_hf_model(primary.model) else "resnet")
+    study = open_study(config, space, task.greater_is_better)
+    log.info("search %s (%s, %s): %d of %d trials finished, storage %s", study.study_name, config.search.method,
+             config.search.objective, finished_count(study), config.search.trials, storage_url(config))
+    ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),
+                        teachers, space, folder)
+    helpers = spawn_workers(config_path, workers - 1, worker_threads(workers)) if workers > 1 else []
+    try:
+        run_worker(ctx, study)
+    finally:
+        failed = [p.wait() for p in helpers]
+    if any(failed):
+        log.warning("%d worker process(es) ended with an error; their running trials are retried by the next "
+                    "search run", sum(1 for code in failed if code))
+    if join:
+        return None
+    best = distill_best(config, study, folder) if config.search.final_top else []
+    records = trial_records(study)
+    table = write_search_report(folder, config, study, records, best, task)
+    return SearchResult(folder, records, best, table)

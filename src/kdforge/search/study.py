@@ -1,0 +1,100 @@
+"""The search's Optuna study: its storage (the engine that spreads a search over processes and
+machines), its sampler (which method proposes candidates) and its pruner.
+
+* Storage: ``search.storage`` or ``sqlite:///<output_dir>/study.db`` (an embedded database: several
+  worker processes on one machine); a ``postgresql://user@host:port/db`` URL lets workers on many
+  machines join one study by ``search.study_name``. Workers send a heartbeat every
+  ``search.heartbeat_s``; a trial whose worker went silent for twice that is marked failed and run
+  again (with the same candidate) by the next worker that starts a trial, so a killed worker loses
+  only its running trial.
+* Samplers: ``kdnas`` -> :class:`~kdforge.search.controller.KDNASSampler` (an LSTM controller learned
+  by REINFORCE, replayed from the study's finished trials); ``autokd`` -> Optuna's multivariate TPE
+  (Bayesian optimisation: Bergstra et al. 2011; its defaults, 10 random start-up trials); ``random``
+  -> uniform sampling. Every method searches the same space with the same seed.
+* Pruner (``autokd`` with the reward objective): successive halving on the epochs of the proxy
+  distillation (Optuna's ``SuccessiveHalvingPruner``, min resource 1 epoch, reduction factor 2), as
+  AutoKD's multi-fidelity BO (Hyperband/BOHB); Optuna prunes single-objective studies only.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from kdforge.config import JobConfig
+from kdforge.errors import KDForgeError
+from kdforge.search.controller import KDNASSampler
+from kdforge.search.space import SearchSpace
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def storage_url(config: JobConfig) -> str:
+    return config.search.storage or f"sqlite:///{Path(config.output_dir).resolve() / 'study.db'}"
+
+
+def study_name(config: JobConfig) -> str:
+    return config.search.study_name or Path(config.output_dir).name
+
+
+def make_storage(config: JobConfig) -> RDBStorage:
+    url, beat = storage_url(config), config.search.heartbeat_s
+    if not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://", url):
+        raise KDForgeError(f"search.storage {url!r} is not a database URL; give sqlite:///PATH or "
+                           "postgresql://USER@HOST:PORT/DB")
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: used as documented
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=beat, grace_period=2 * beat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except Exception as err:  # noqa: BLE001  (sqlalchemy / driver errors of every kind)
+        raise KDForgeError(f"cannot open the search storage {url}: {str(err).splitlines()[0]}; check "
+                           "search.storage (the database must exist and accept connections)") from None
+
+
+def make_sampler(config: JobConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    search = config.search
+    if search.method == "kdnas":
+        return KDNASSampler(space.dimensions(), seed=search.seed)
+    if search.method == "autokd":
+        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=search.seed)
+
+
+def make_pruner(config: JobConfig) -> optuna.pruners.BasePruner:
+    if config.search.method == "autokd" and config.search.objective == "reward":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    return optuna.pruners.NopPruner()
+
+
+def directions(config: JobConfig, greater_is_better: bool) -> list[str]:
+    if config.search.objective == "pareto":
+        return ["maximize" if greater_is_better else "minimize", "minimize"]
+    return ["maximize"]
+
+
+def open_study(config: JobConfig, space: SearchSpace, greater_is_better: bool) -> optuna.Study:
+    """Create the study or join it (same name in the same storage); its method and space must match."""
+    wanted = {"method": config.search.method, "objective": config.search.objective,
+              "space": {k: list(v) for k, v in space.dimensions().items()}}
+    study = optuna.create_study(storage=make_storage(config), study_name=study_name(config), load_if_exists=True,
+                                sampler=make_sampler(config, space), pruner=make_pruner(config),
+                                directions=directions(config, greater_is_better))
+    saved = study.user_attrs.get("search")
+    if saved is None:
+        study.set_user_attr("search", wanted)
+    elif saved != wanted:
+        raise KDForgeError(f"study {study.study_name!r} in {storage_url(config)} was started with {saved}, not "
+                           f"{wanted}; use another search.study_name or output_dir, or the same search settings")
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))

@@ -1,0 +1,174 @@
+"""``kdforge search`` end to end on tiny models: KD-NAS and AutoKD from the API and the CLI, the
+reward recorded per trial, the best candidate distilled and reported, a killed search resumed, and
+two worker processes sharing one study in SQLite and in a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from kdforge import api
+from kdforge.cli import main
+from kdforge.config import validate_config
+
+pytestmark = pytest.mark.slow
+
+SPACE = {"layers": [1, 2], "hidden_size": [16, 32], "head_dim": [16], "intermediate_size": [32, 64],
+         "temperature": [], "kd_weight": []}
+
+
+@pytest.fixture
+def search_tree(job_tree, tmp_path) -> dict:
+    tree = dict(job_tree)
+    tree.pop("student")
+    tree["train"] = {**tree["train"], "trackers": []}
+    tree["search"] = {"method": "kdnas", "trials": 4, "proxy_rows": 64, "proxy_epochs": 1, "space": SPACE,
+                      "latency_repeats": 2, "final_top": 1, "heartbeat_s": 10}
+    tree["output_dir"] = str(tmp_path / "search")
+    return tree
+
+
+def write_config(tree: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def stored_study(folder: Path) -> optuna.Study:
+    return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder.resolve() / 'study.db'}")
+
+
+def test_kdnas_search_end_to_end(search_tree, one_thread):
+    result = api.search(search_tree)
+    complete = [r for r in result.trials if r["state"] == "COMPLETE"]
+    assert len(complete) == 4
+    for r in complete:  # reward = score x (latency / target)^w, target = teacher latency / 3
+        assert r["reward"] == pytest.approx(r["score"] * (r["latency_ratio"] * 3.0) ** -0.07)
+        assert r["values"] == [pytest.approx(r["reward"])]
+        assert set(r["choices"]) == {"layers", "hidden_size", "head_dim", "intermediate_size"}
+    best = result.best[0]
+    top = max(complete, key=lambda r: r["reward"])
+    assert best["trial"] == top["number"]
+    final = validate_config(yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text()))
+    choices = top["choices"]
+    assert final.student.config["hidden_size"] == choices["hidden_size"]
+    assert len(final.student.layers) == choices["layers"]
+    assert best["student"]["params"] == top["params"]  # the final student is the searched candidate
+    assert (Path(best["run_dir"]) / "report.html").is_file()
+    html = (result.folder / "report.html").read_text()
+    assert "Every candidate" in html and "data:image/png;base64" in html and "kdforge distill" in html
+    saved = json.loads((result.folder / "trials.json").read_text())
+    assert [t["number"] for t in saved["trials"]] == [0, 1, 2, 3]
+
+
+def test_autokd_pareto_from_cli(search_tree, tmp_path, one_thread, capsys):
+    search_tree["search"].update(method="autokd", objective="pareto", trials=3, final_top=0,
+                                 space={**SPACE, "temperature": [1.0, 4.0], "kd_weight": [0.5, 0.9]})
+    config = write_config(search_tree, tmp_path / "search.yaml")
+    assert main(["search", str(config)]) == 0
+    study = stored_study(Path(search_tree["output_dir"]))
+    assert len(study.trials) == 3 and all(len(t.values) == 2 for t in study.trials)
+    for t in study.trials:  # AutoKD's loss: (1 - a) CE + a KD_T
+        logit_terms = t.user_attrs["overrides"]["objectives"]
+        assert logit_terms[1] == {"name": "hinton_kd", "weight": t.params["kd_weight"],
+                                  "temperature": t.params["temperature"]}
+    assert "Every candidate" in (Path(search_tree["output_dir"]) / "report.md").read_text()
+
+
+def test_bad_search_settings_are_one_line(search_tree, tmp_path, capsys):
+    search_tree["search"]["objective"] = "pareto"  # with kdnas
+    config = write_config(search_tree, tmp_path / "bad.yaml")
+    assert main(["search", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "search.objective" in err and "autokd" in err
+
+
+def run_worker_processes(config: Path, count: int, extra=()) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "kdforge.cli", "search", str(config), *extra], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(count)]
+
+
+def check_two_workers(tree: dict, config: Path, storage_kwargs: dict) -> None:
+    workers = run_worker_processes(config, 2, ["--join"])
+    errors = [w.communicate(timeout=600)[1].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors
+    study = optuna.load_study(**storage_kwargs)
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert tree["search"]["trials"] <= len(finished) <= tree["search"]["trials"] + 1
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both processes ran trials
+
+
+def test_two_workers_share_one_sqlite_study(search_tree, tmp_path):
+    search_tree["search"].update(method="random", trials=6, final_top=0)
+    config = write_config(search_tree, tmp_path / "search.yaml")
+    folder = Path(search_tree["output_dir"])
+    check_two_workers(search_tree, config, {"study_name": "search",
+                                            "storage": f"sqlite:///{folder.resolve() / 'study.db'}"})
+    assert main(["search", str(config)]) == 0  # the budget is spent: only the report is written
+    assert len(stored_study(folder).trials) <= 7 and (folder / "report.html").is_file()
+
+
+def test_killed_search_resumes_where_it_stopped(search_tree, tmp_path):
+    # trials of a few seconds each, so the kill lands inside one
+    search_tree["search"].update(method="kdnas", trials=4, final_top=0, proxy_rows=256, proxy_epochs=3,
+                                 heartbeat_s=1)
+    config = write_config(search_tree, tmp_path / "search.yaml")
+    folder = Path(search_tree["output_dir"])
+    [worker] = run_worker_processes(config, 1)
+    deadline = time.monotonic() + 300
+    running = None
+    while time.monotonic() < deadline and worker.poll() is None:  # kill it inside its second trial
+        if (folder / "study.db").is_file():
+            try:
+                trials = stored_study(folder).trials
+            except Exception:  # noqa: BLE001  (the study is being created)
+                trials = []
+            states = [t.state for t in trials]
+            if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
+                running = next(t for t in trials if t.state == optuna.trial.TrialState.RUNNING)
+                worker.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.1)
+    worker.wait(timeout=60)
+    assert running is not None, f"the search ended before it was killed mid-trial: {worker.stderr.read().decode()}"
+    done_before = [t.number for t in stored_study(folder).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    time.sleep(2.5)  # longer than the grace period (2 heartbeats): the killed trial is stale
+    assert main(["search", str(config)]) == 0
+    trials = stored_study(folder).trials
+    by_number = {t.number: t for t in trials}
+    assert by_number[running.number].state == optuna.trial.TrialState.FAIL  # only the running trial was lost
+    assert all(by_number[n].state == optuna.trial.TrialState.COMPLETE for n in done_before)
+    retried = [t for t in trials if running.number in t.system_attrs.get("retry_history", [])]
+    assert len(retried) == 1 and retried[0].params == running.params  # the lost candidate was run again
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
+
+
+def test_resnet_search_on_digits(tmp_path, one_thread):
+    """A CNN teacher gets the ResNet space: candidates are parametric CIFAR ResNets, fresh, without the
+    hidden-state term, and the best is distilled into a loadable vision student."""
+    tree = {"task": {"name": "digits", "train_limit": 400, "eval_limit": 100},
+            "teacher": {"model": "vision:small_cnn", "finetune": {"epochs": 1, "lr": 3e-3, "batch_size": 64}},
+            "objectives": [{"name": "ce", "weight": 0.5}, {"name": "hinton_kd", "weight": 0.5, "temperature": 4.0}],
+            "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3, "device": "cpu", "trackers": []},
+            "eval": {"latency_batch_sizes": [1, 8], "latency_repeats": 2, "latency_warmup": 1},
+            "search": {"method": "random", "trials": 2, "proxy_rows": 128, "proxy_epochs": 1, "final_top": 1,
+                       "latency_repeats": 2, "space": {"blocks": [1], "width": [4, 8], "temperature": [],
+                                                       "kd_weight": []}},
+            "output_dir": str(tmp_path / "digits-search")}
+    result = api.search(tree)
+    complete = [r for r in result.trials if r["state"] == "COMPLETE"]
+    assert len(complete) == 2 and {r["choices"]["width"] for r in complete} <= {4, 8}
+    for r in complete:
+        assert r["overrides"]["student"] == {"model": f"vision:resnet8_w{r['choices']['width']}"}
+    best = result.best[0]
+    assert best["student"]["params"] == max(complete, key=lambda r: r["reward"])["params"]
+    assert (Path(best["run_dir"]) / "student").is_dir()
