@@ -172,3 +172,18 @@ def test_resnet_search_on_digits(tmp_path, one_thread):
     best = result.best[0]
     assert best["student"]["params"] == max(complete, key=lambda r: r["reward"])["params"]
     assert (Path(best["run_dir"]) / "student").is_dir()
+
+
+def test_proxy_task_is_a_fixed_subset_of_the_training_rows(job_tree):
+    from kdforge.search.proxy import ProxyTask
+    from kdforge.tasks.base import build_task
+
+    task = build_task(validate_config({**job_tree, "task": {**job_tree["task"], "validation": 0.25}}).task)
+    first, again = ProxyTask(task, 50, seed=3), ProxyTask(task, 50, seed=3)
+    train = [task.split("train")[i]["text_a"] for i in range(len(task.split("train")))]
+    rows = [first.split("train")[i]["text_a"] for i in range(50)]
+    assert len(first.split("train")) == 50 and set(rows) <= set(train)
+    assert rows == [again.split("train")[i]["text_a"] for i in range(50)]  # every trial, every worker: the same
+    assert len(first.split("validation")) == len(task.split("validation"))  # scored on the whole validation split
+    assert first.fingerprint() != task.fingerprint() != ProxyTask(task, 50, seed=4).fingerprint()
+    assert len(ProxyTask(task, 10_000, seed=3).split("train")) == len(train)  # more rows than there are: all

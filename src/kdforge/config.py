@@ -346,7 +346,7 @@ class FSBBTConfig(Strict):
 class StrategyConfig(BaseModel):
     """Who learns from whom in a stage: a strategy registered by name in ``kdforge.recipes``
     (``offline``, ``multi_teacher``, ``assistant_ensemble``, ``ces_kd``, ``dml``, ``bdkd_online``, ``sokd``,
-    ``amal``), with its own parameters,
+    ``amal``, ``soft_labels``), with its own parameters,
     which the strategy validates itself."""
 
     model_config = ConfigDict(extra="allow")

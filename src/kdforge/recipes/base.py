@@ -1,12 +1,13 @@
 """The recipe layer's contracts: what a stage is assembled from, and the registries that name
 its parts.
 
-A stage = a data source (``DATA_SOURCES``: task, ptp, corpus) + roles (the learner, the teachers
-it learns from) + a strategy (``STRATEGIES``: offline, multi_teacher, assistant_ensemble, ces_kd, dml,
-bdkd_online, sokd, amal) whose :class:`~kdforge.engine.step.TrainStep` is the only thing the engine sees. Teachers'
-outputs come from a teacher source (``kdforge.recipes.teacher_sources``: a live model or the
-cache of a frozen one). Adding a strategy is one file in ``recipes/`` that registers a
-:class:`Strategy` subclass, plus its import in ``recipes/catalog.py``; the engine is untouched.
+A stage = a data source (``DATA_SOURCES``: task, ptp, corpus, fsbbt) + roles (the learner, the
+teachers it learns from) + a strategy (``STRATEGIES``: offline, multi_teacher, assistant_ensemble, ces_kd,
+dml, bdkd_online, sokd, amal, soft_labels) whose :class:`~kdforge.engine.step.TrainStep` is the only thing
+the engine sees. Teachers' outputs come from a teacher source (``kdforge.recipes.teacher_sources``: a
+live model, the cache of a frozen one, or a black box answering queries). Adding a strategy is one
+file in ``recipes/`` that registers a :class:`Strategy` subclass, plus its import in
+``recipes/catalog.py``; the engine is untouched.
 """
 
 from __future__ import annotations

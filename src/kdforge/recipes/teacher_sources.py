@@ -7,8 +7,10 @@
   keyed by the temperature of the terms bound to that teacher (the top-k tail is fitted there).
 * ``auto`` (default): the cache where it is exact, else live.
 
-Later: a previous stage's learner is simply a frozen model of its role; black-box teachers
-(answers from a query) plug in here as another source.
+A previous stage's learner is simply a frozen model of its role. A black-box teacher (answers to
+queries over HTTP, from a callable or a file) is a frozen model too: its role's model is a
+:class:`kdforge.blackbox.teacher.BlackBoxModule`, run live (its answers are cached and budgeted in
+its own SQLite cache, so the output cache adds nothing).
 """
 
 from __future__ import annotations

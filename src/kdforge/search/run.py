@@ -56,6 +56,9 @@ def search_config(config: JobConfig) -> JobConfig:
     if config.stages is not None:
         raise KDForgeError("search runs single-stage jobs: remove `stages` and give `objectives` (the candidates' "
                            "logit terms)")
+    if any(spec.black_box is not None for spec in config.teacher_configs().values()):
+        raise KDForgeError("search builds candidates from the teacher's weights and times them beside it: give a "
+                           "teacher `model`, not a `black_box`")
     if config.assistants:
         raise KDForgeError("search does not train assistants: remove the `assistants` section")
     if config.search.method == "kdnas" and config.search.objective == "pareto":
