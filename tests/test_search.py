@@ -65,6 +65,7 @@ def test_kdnas_search_end_to_end(search_tree, one_thread):
     assert (Path(best["run_dir"]) / "report.html").is_file()
     html = (result.folder / "report.html").read_text()
     assert "Every candidate" in html and "data:image/png;base64" in html and "kdforge distill" in html
+    assert (result.folder / "search-pareto.png").is_file() and (result.folder / "search-progress.png").is_file()
     saved = json.loads((result.folder / "trials.json").read_text())
     assert [t["number"] for t in saved["trials"]] == [0, 1, 2, 3]
 
@@ -187,3 +188,12 @@ def test_proxy_task_is_a_fixed_subset_of_the_training_rows(job_tree):
     assert len(first.split("validation")) == len(task.split("validation"))  # scored on the whole validation split
     assert first.fingerprint() != task.fingerprint() != ProxyTask(task, 50, seed=4).fingerprint()
     assert len(ProxyTask(task, 10_000, seed=3).split("train")) == len(train)  # more rows than there are: all
+
+
+def test_best_so_far_counts_complete_trials_only():
+    from kdforge.search.report import best_so_far
+
+    records = [{"number": 1, "state": "PRUNED"}, {"number": 0, "state": "COMPLETE", "reward": 0.5},
+               {"number": 2, "state": "COMPLETE", "reward": 0.4}, {"number": 3, "state": "FAIL"},
+               {"number": 4, "state": "COMPLETE", "reward": 0.7}]
+    assert best_so_far(records) == [(0, 0.5), (1, 0.5), (2, 0.5), (3, 0.5), (4, 0.7)]

@@ -50,6 +50,17 @@ def _number(value: Any) -> bool:
 # --------------------------------------------------------------------------- training curves
 
 
+def best_so_far_png(curve: Sequence[tuple[int, float]], title: str) -> bytes:
+    """A search's progress as PNG bytes: ``curve`` = (trial number, best reward up to it), as a step line
+    over the count of trials run."""
+    fig = _new_figure(7.0, 3.6)
+    ax = fig.subplots()
+    ax.step([n + 1 for n, _ in curve], [v for _, v in curve], where="post", color="C0")
+    ax.set(xlabel="trials run", ylabel="best reward so far", title=title)
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
 def split_history_keys(history: Sequence[Mapping[str, Any]],
                        metric_names: Iterable[str]) -> tuple[list[str], list[str]]:
     """``(loss_terms, metrics)``: the numeric keys of the history entries, in order of first appearance.

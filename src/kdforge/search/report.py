@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from kdforge.config import JobConfig
-from kdforge.evaluation.plots import _new_figure, _png, score_latency_png
+from kdforge.evaluation.plots import best_so_far_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
 from kdforge.evaluation.report import NA, ModelReport, finite_number, fmt, latency_ms
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
@@ -44,15 +44,6 @@ def best_so_far(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
         if best > -math.inf:
             curve.append((r["number"], best))
     return curve
-
-
-def progress_png(curve: list[tuple[int, float]], method: str) -> bytes:
-    fig = _new_figure(7.0, 3.6)
-    ax = fig.subplots()
-    ax.step([n + 1 for n, _ in curve], [v for _, v in curve], where="post", color="C0")
-    ax.set(xlabel="trials run", ylabel="best reward so far", title=f"search progress ({method})")
-    ax.grid(True, alpha=0.3)
-    return _png(fig)
 
 
 def final_rows(best: list[dict[str, Any]], records: dict[int, dict[str, Any]], metric: str) -> list[list[str]]:
@@ -135,7 +126,7 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
                    ("image", ("search-pareto.png", images["search-pareto.png"], "score vs latency, Pareto front"))]
     curve = best_so_far(records)
     if curve and search.objective == "reward":
-        images["search-progress.png"] = progress_png(curve, search.method)
+        images["search-progress.png"] = best_so_far_png(curve, f"search progress ({search.method})")
         blocks.append(("image", ("search-progress.png", images["search-progress.png"], "best reward per trial")))
     trials_table = ("table", (TRIAL_HEADERS, trial_rows(records)))
     blocks += [("h2", "Trials"), trials_table]
