@@ -150,8 +150,8 @@ def captured(monkeypatch) -> list[tuple[dict, dict]]:
     calls = []
     real = jobs.load_models
 
-    def load_models(config, task, resume=False):
-        models = real(config, task, resume)
+    def load_models(config, task, *args, **kwargs):
+        models = real(config, task, *args, **kwargs)
         calls.append(({r: copy.deepcopy(m.model.state_dict()) for r, m in models.items()}, models))
         return models
 

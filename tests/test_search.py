@@ -100,8 +100,8 @@ def run_worker_processes(config: Path, count: int, extra=()) -> list[subprocess.
 
 def check_two_workers(tree: dict, config: Path, storage_kwargs: dict) -> None:
     workers = run_worker_processes(config, 2, ["--join"])
-    errors = [w.communicate(timeout=600)[1].decode() for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], errors
+    errors = [w.communicate(timeout=600)[1].decode()[-800:] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n---\n".join(errors)
     study = optuna.load_study(**storage_kwargs)
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert tree["search"]["trials"] <= len(finished) <= tree["search"]["trials"] + 1
@@ -197,3 +197,12 @@ def test_best_so_far_counts_complete_trials_only():
                {"number": 2, "state": "COMPLETE", "reward": 0.4}, {"number": 3, "state": "FAIL"},
                {"number": 4, "state": "COMPLETE", "reward": 0.7}]
     assert best_so_far(records) == [(0, 0.5), (1, 0.5), (2, 0.5), (3, 0.5), (4, 0.7)]
+
+
+@pytest.mark.parametrize("storage, says", [("study.db", "is not a database URL"),
+                                           ("postgresql://nobody@127.0.0.1:1/none", "cannot open the search storage")])
+def test_bad_storage_is_one_line(search_tree, tmp_path, capsys, storage, says):
+    config = write_config(search_tree, tmp_path / "search.yaml")
+    assert main(["search", str(config), "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "search.storage" in err[0]

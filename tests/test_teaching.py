@@ -241,7 +241,7 @@ def test_kdforge_list_names_the_strategies(capsys):
     lines = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in capsys.readouterr().out.splitlines()}
     # (other tests may register more strategies in this process, e.g. the design doc's example)
     assert {"assistant_ensemble", "ces_kd", "multi_teacher", "offline"} <= set(lines["strategies"])
-    assert lines["stage data"] == ["corpus", "ptp", "task"]
+    assert lines["stage data"] == ["corpus", "fsbbt", "ptp", "task"]
 
 
 def test_camkd_on_text_teachers(tmp_path, job_tree, tiny_teacher_dir):

@@ -34,7 +34,7 @@ from kdforge.preflight import check_job
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import trial_records, write_search_report
 from kdforge.search.space import SearchSpace
-from kdforge.search.study import FINISHED, finished_count, open_study, storage_url
+from kdforge.search.study import FINISHED, finished_count, make_storage, open_study, storage_url
 from kdforge.search.trial import SearchContext, run_trial
 from kdforge.tasks.base import build_task
 
@@ -155,6 +155,7 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
     config_path = folder / "search-config.yaml"
     if not join:
         atomic_write_text(config_path, dump_config(config))
+    storage = make_storage(config)  # a bad URL or an unreachable database: refused before any training
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
     task = build_task(config.task)
     with file_lock(folder / "teachers.lock"):  # workers started together fine-tune a teacher once
@@ -164,7 +165,7 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
         raise KDForgeError(f"search.objective: reward multiplies {task.main_metric}, where lower is better; use "
                            "search.objective: pareto")
     space = SearchSpace.from_dict(config.search.space, "transformer" if is_hf_model(primary.model) else "resnet")
-    study = open_study(config, space, task.greater_is_better)
+    study = open_study(config, storage, space, task.greater_is_better)
     log.info("search %s (%s, %s): %d of %d trials finished, storage %s", study.study_name, config.search.method,
              config.search.objective, finished_count(study), config.search.trials, storage_url(config))
     ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),

@@ -9,7 +9,8 @@ machines), its sampler (which method proposes candidates) and its pruner.
   only its running trial.
 * Samplers: ``kdnas`` -> :class:`~kdforge.search.controller.KDNASSampler` (an LSTM controller learned
   by REINFORCE, replayed from the study's finished trials); ``autokd`` -> Optuna's multivariate TPE
-  (Bayesian optimisation: Bergstra et al. 2011; its defaults, 10 random start-up trials); ``random``
+  (Bayesian optimisation: Bergstra et al. 2011; random start-up trials: Optuna's 10, or a quarter of
+  the budget when that is smaller, at least 3); ``random``
   -> uniform sampling. Every method searches the same space with the same seed.
 * Pruner (``autokd`` with the reward objective): successive halving on the epochs of the proxy
   distillation (Optuna's ``SuccessiveHalvingPruner``, min resource 1 epoch, reduction factor 2), as
@@ -19,6 +20,7 @@ machines), its sampler (which method proposes candidates) and its pruner.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -49,14 +51,17 @@ def make_storage(config: JobConfig) -> RDBStorage:
         raise KDForgeError(f"search.storage {url!r} is not a database URL; give sqlite:///PATH or "
                            "postgresql://USER@HOST:PORT/DB")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: used as documented
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=beat, grace_period=2 * beat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-    except Exception as err:  # noqa: BLE001  (sqlalchemy / driver errors of every kind)
-        raise KDForgeError(f"cannot open the search storage {url}: {str(err).splitlines()[0]}; check "
-                           "search.storage (the database must exist and accept connections)") from None
+    for attempt in range(3):  # workers starting together race to create the tables: the loser retries
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: used as documented
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=beat, grace_period=2 * beat,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except Exception as err:  # noqa: BLE001  (sqlalchemy / driver errors of every kind)
+            problem = str(err).splitlines()[0]
+            time.sleep(0.5 * (attempt + 1))
+    raise KDForgeError(f"cannot open the search storage {url}: {problem}; check search.storage (the database "
+                       "must exist and accept connections)")
 
 
 def make_sampler(config: JobConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -64,7 +69,8 @@ def make_sampler(config: JobConfig, space: SearchSpace) -> optuna.samplers.BaseS
     if search.method == "kdnas":
         return KDNASSampler(space.dimensions(), seed=search.seed)
     if search.method == "autokd":
-        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True)
+        startup = min(10, max(3, search.trials // 4))  # Optuna's 10 random start-up trials, fewer on small budgets
+        return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=startup)
     return optuna.samplers.RandomSampler(seed=search.seed)
 
 
@@ -80,11 +86,11 @@ def directions(config: JobConfig, greater_is_better: bool) -> list[str]:
     return ["maximize"]
 
 
-def open_study(config: JobConfig, space: SearchSpace, greater_is_better: bool) -> optuna.Study:
+def open_study(config: JobConfig, storage: RDBStorage, space: SearchSpace, greater_is_better: bool) -> optuna.Study:
     """Create the study or join it (same name in the same storage); its method and space must match."""
     wanted = {"method": config.search.method, "objective": config.search.objective,
               "space": {k: list(v) for k, v in space.dimensions().items()}}
-    study = optuna.create_study(storage=make_storage(config), study_name=study_name(config), load_if_exists=True,
+    study = optuna.create_study(storage=storage, study_name=study_name(config), load_if_exists=True,
                                 sampler=make_sampler(config, space), pruner=make_pruner(config),
                                 directions=directions(config, greater_is_better))
     saved = study.user_attrs.get("search")
