@@ -84,12 +84,16 @@ def test_autokd_pareto_from_cli(search_tree, tmp_path, one_thread, capsys):
     assert "Every candidate" in (Path(search_tree["output_dir"]) / "report.md").read_text()
 
 
-def test_bad_search_settings_are_one_line(search_tree, tmp_path, capsys):
-    search_tree["search"]["objective"] = "pareto"  # with kdnas
+@pytest.mark.parametrize("change, says", [({"objective": "pareto"}, "search.objective"),  # with kdnas
+                                          ({"space": {"layers": [0]}}, "search.space.layers"),
+                                          ({"space": {"blocks": [1]}}, "search.space.blocks")])  # a CNN dimension
+def test_bad_search_settings_are_one_line_before_training(search_tree, tmp_path, capsys, change, says):
+    search_tree["search"].update(change)
     config = write_config(search_tree, tmp_path / "bad.yaml")
     assert main(["search", str(config)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "search.objective" in err and "autokd" in err
+    assert err.count("\n") == 0 and says in err
+    assert not (Path(search_tree["output_dir"]) / "teacher").exists()  # refused before the teacher's fine-tuning
 
 
 def run_worker_processes(config: Path, count: int, extra=()) -> list[subprocess.Popen]:

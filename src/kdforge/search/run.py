@@ -29,7 +29,7 @@ import torch
 from kdforge.config import PRIMARY_TEACHER, JobConfig, dump_config, validate_config
 from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_text, file_lock
-from kdforge.models.adapter import is_hf_model
+from kdforge.models.loading import VISION_META
 from kdforge.preflight import check_job
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import trial_records, write_search_report
@@ -70,6 +70,14 @@ def search_config(config: JobConfig) -> JobConfig:
     if tree["student"] is None:
         tree["student"] = {"layers": [0]}  # replaced by every candidate; lets the job's checks run
     return validate_config(tree, "search")
+
+
+def space_kind(config: JobConfig) -> str:
+    """``resnet`` for a vision teacher (``vision:NAME`` or a folder kdforge exported one to), else
+    ``transformer``."""
+    model = config.teacher_configs()[next(iter(config.teacher_configs()))].model or ""
+    vision = model.startswith("vision:") or (Path(model) / VISION_META).is_file()
+    return "resnet" if vision else "transformer"
 
 
 def load_teachers(config: JobConfig, task) -> dict:
@@ -155,17 +163,16 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
     config_path = folder / "search-config.yaml"
     if not join:
         atomic_write_text(config_path, dump_config(config))
-    storage = make_storage(config)  # a bad URL or an unreachable database: refused before any training
+    space = SearchSpace.from_dict(config.search.space, space_kind(config))
+    storage = make_storage(config)  # a bad space, URL or an unreachable database: refused before any training
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
     task = build_task(config.task)
-    with file_lock(folder / "teachers.lock"):  # workers started together fine-tune a teacher once
-        teachers = load_teachers(config, task)
-    primary = teachers.get(PRIMARY_TEACHER) or next(iter(teachers.values()))
     if config.search.objective == "reward" and not task.greater_is_better:
         raise KDForgeError(f"search.objective: reward multiplies {task.main_metric}, where lower is better; use "
                            "search.objective: pareto")
-    space = SearchSpace.from_dict(config.search.space, "transformer" if is_hf_model(primary.model) else "resnet")
     study = open_study(config, storage, space, task.greater_is_better)
+    with file_lock(folder / "teachers.lock"):  # workers started together fine-tune a teacher once
+        teachers = load_teachers(config, task)
     log.info("search %s (%s, %s): %d of %d trials finished, storage %s", study.study_name, config.search.method,
              config.search.objective, finished_count(study), config.search.trials, storage_url(config))
     ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),
