@@ -131,20 +131,20 @@ def test_killed_search_resumes_where_it_stopped(search_tree, tmp_path):
     [worker] = run_worker_processes(config, 1)
     deadline = time.monotonic() + 300
     running = None
-    while time.monotonic() < deadline and worker.poll() is None:  # kill it inside its second trial
+    while running is None and time.monotonic() < deadline and worker.poll() is None:  # kill it in its 2nd trial
         if (folder / "study.db").is_file():
             try:
                 trials = stored_study(folder).trials
             except Exception:  # noqa: BLE001  (the study is being created)
                 trials = []
-            states = [t.state for t in trials]
-            if optuna.trial.TrialState.COMPLETE in states and optuna.trial.TrialState.RUNNING in states:
-                running = next(t for t in trials if t.state == optuna.trial.TrialState.RUNNING)
-                worker.send_signal(signal.SIGKILL)
-                break
+            training = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "speedup" in t.user_attrs]
+            if training and any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+                worker.send_signal(signal.SIGKILL)  # the candidate is chosen and timed: it is training now
+                running = training[0]
         time.sleep(0.1)
     worker.wait(timeout=60)
     assert running is not None, f"the search ended before it was killed mid-trial: {worker.stderr.read().decode()}"
+    running = stored_study(folder).trials[running.number]  # as the kill left it (every choice made by then)
     done_before = [t.number for t in stored_study(folder).trials if t.state == optuna.trial.TrialState.COMPLETE]
     time.sleep(2.5)  # longer than the grace period (2 heartbeats): the killed trial is stale
     assert main(["search", str(config)]) == 0
@@ -155,6 +155,7 @@ def test_killed_search_resumes_where_it_stopped(search_tree, tmp_path):
     retried = [t for t in trials if running.number in t.system_attrs.get("retry_history", [])]
     assert len(retried) == 1 and retried[0].params == running.params  # the lost candidate was run again
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4
+    assert f"complete (rerun of #{running.number})" in (folder / "trials.md").read_text()
 
 
 def test_resnet_search_on_digits(tmp_path, one_thread):

@@ -25,7 +25,8 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
             t.datetime_start else None
         records.append({"number": t.number, "state": t.state.name, "choices": dict(t.params),
                         "values": list(t.values) if t.values else None, "seconds": duration,
-                        "epochs": len(t.intermediate_values), **{k: v for k, v in t.user_attrs.items()}})
+                        "epochs": len(t.intermediate_values), "retry_of": t.system_attrs.get("failed_trial"),
+                        **{k: v for k, v in t.user_attrs.items()}})
     return records
 
 
@@ -59,12 +60,13 @@ def final_rows(best: list[dict[str, Any]], records: dict[int, dict[str, Any]], m
         rows.append([str(b["rank"]), f"#{b['trial']}", describe(record.get("choices", {})),
                      fmt(record.get("score"), 4), fmt(s_score, 4), fmt(b.get("validation"), 4),
                      fmt(100 * s_score / t_score, 1, "%") if finite_number(s_score) and t_score else NA,
-                     *speedups, f"{student.params / 1e6:.2f}M", f"`{b['command']}`"])
+                     *speedups, f"{student.params / 1e6:.2f}M", b["command"]])
     return rows
 
 
 def trial_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    return [[f"#{r['number']}", r["state"].lower(), describe(r["choices"]),
+    return [[f"#{r['number']}", r["state"].lower() + (f" (rerun of #{r['retry_of']})" if r.get("retry_of") is not None
+                                                      else ""), describe(r["choices"]),
              f"{r['params'] / 1e6:.2f}M" if finite_number(r.get("params")) else NA, fmt(r.get("latency_ms"), 1),
              fmt(r.get("latency_ratio"), 3), fmt(r.get("score"), 4), fmt(r.get("reward"), 4), str(r.get("epochs", "")),
              fmt(r.get("seconds"), 0)] for r in sorted(records, key=lambda r: r["number"])]
@@ -98,7 +100,7 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
     teacher_ms = [r["teacher_latency_ms"] for r in complete if finite_number(r.get("teacher_latency_ms"))]
     blocks: list = [
         ("h1", f"Architecture search {study.study_name}"),
-        ("p", f"Method **{search.method}**, objective **{search.objective}** (reward = {metric} x (latency / "
+        ("p", f"Method {search.method}, objective {search.objective} (reward = {metric} x (latency / "
               f"target)^{search.reward_weight}, target = the teacher's latency / {search.target_speedup}). "
               f"Trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
               f"{counts['RUNNING']} running. Each candidate distilled {search.proxy_epochs} epoch(s) on "
