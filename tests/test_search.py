@@ -211,3 +211,32 @@ def test_bad_storage_is_one_line(search_tree, tmp_path, capsys, storage, says):
     assert main(["search", str(config), "--storage", storage]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0] and "search.storage" in err[0]
+
+
+def test_pruning_stops_a_candidate_early_but_never_after_its_last_epoch():
+    from types import SimpleNamespace
+
+    from kdforge.search.trial import ReportEpochs
+
+    class Trial:  # a pruner that always says stop
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    trial = Trial()
+    trainer = SimpleNamespace(config=SimpleNamespace(epochs=2), state=SimpleNamespace(history=[]))
+    callback = ReportEpochs(trial, "accuracy", lambda score: 2 * score, prune=True)
+    callback(trainer)  # no epoch finished yet: nothing reported
+    trainer.state.history.append({"epoch": 1, "accuracy": 0.25})
+    with pytest.raises(optuna.TrialPruned):
+        callback(trainer)
+    assert trial.reports == [(1, 0.5)]
+    trainer.state.history.append({"epoch": 2, "accuracy": 0.4})
+    callback(trainer)  # the last epoch: reported, not pruned
+    callback(trainer)  # called again after the same epoch (every step): reported once
+    assert trial.reports == [(1, 0.5), (2, 0.8)]

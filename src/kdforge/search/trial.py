@@ -126,7 +126,8 @@ def reward_of(ctx: SearchContext, score: float, latency_ratio: float) -> float:
 
 class ReportEpochs:
     """Trainer callback: after each epoch, the epoch's validation score (as a reward when the study
-    maximises the reward) is reported to the trial; a pruner that says stop ends the trial."""
+    maximises the reward) is reported to the trial; a pruner that says stop ends the trial, except after
+    the last epoch (a candidate that finished its budget completes, its value counts)."""
 
     def __init__(self, trial: optuna.Trial, metric: str, to_value, prune: bool):
         self.trial, self.metric, self.to_value, self.prune = trial, metric, to_value, prune
@@ -138,7 +139,8 @@ class ReportEpochs:
             return
         self.reported = len(history)
         self.trial.report(self.to_value(history[-1][self.metric]), step=self.reported)
-        if self.prune and self.trial.should_prune():
+        last = self.reported >= trainer.config.epochs  # a finished candidate completes: its value counts
+        if self.prune and not last and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {self.reported}")
 
 
