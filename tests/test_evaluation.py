@@ -329,3 +329,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(path, "new content")
     assert json.loads(path.read_text()) == {"accuracy": 0.9, "n": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # temp file removed
+
+
+def test_footer_says_a_model_was_not_timed():
+    from kdforge.evaluation.report import ModelReport, footer_lines
+
+    untimed = ModelReport("teacher", {"accuracy": 0.9}, "accuracy", 0.05, 0, 0.0, {})
+    timed = ModelReport("student", {"accuracy": 0.8}, "accuracy", 0.06, 10, 1.0, {"threads": 1, "repeats": 3})
+    assert "torch threads: teacher not timed, student 1 (median of 3 timed runs)" in footer_lines(untimed, timed)[0]

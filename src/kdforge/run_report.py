@@ -175,7 +175,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
                                task.greater_is_better, counts, split=task.eval_split, label_names=task.label_names)
     roles = {role: reports[role] for role in models if role not in (teacher_role, STUDENT)}
     exports = {n: r for n, r in reports.items() if n not in ("teacher", "student", *roles)}
-    splits = {"selected_on": task.describe_split(task.selection_split),
+    selects = config.stage_train(config.all_stages()[-1]).select_best  # else the last epoch is kept
+    splits = {"selected_on": task.describe_split(task.selection_split) if selects else None,
               "reported_on": task.describe_split(task.eval_split)}
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,

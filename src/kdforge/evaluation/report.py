@@ -159,7 +159,9 @@ def footer_lines(teacher: ModelReport, student: ModelReport, baseline: ModelRepo
     """Lines under the table: how latency was measured (threads), the baseline, how to read the ratio row."""
     def describe(r: ModelReport) -> str:
         lat = r.latency or {}
-        return f"{lat.get('threads', NA)} (median of {lat.get('repeats', '?')} timed runs)"
+        if "repeats" not in lat:
+            return "not timed"  # e.g. a black-box teacher: timing it would spend its query budget
+        return f"{lat.get('threads', NA)} (median of {lat['repeats']} timed runs)"
 
     same = describe(teacher) == describe(student)
     threads = describe(teacher) if same else f"teacher {describe(teacher)}, student {describe(student)}"
