@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tables import mean_std
 
 from kdforge import jobs
 from kdforge.config import validate_config
@@ -174,21 +175,13 @@ def sst2_part(results: dict, path: Path) -> None:
         server.shutdown()
 
 
-def cell(values: list[float]) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
 def table_of(rows: dict, title: str) -> list[str]:
     lines = [f"## {title}", "", "| row | student accuracy | queries bought for training | seeds |",
              "|---|---:|---:|---:|"]
     for name, seeds in rows.items():
         accs = [r["student"]["accuracy"] for r in seeds.values()]
         queries = sorted({r["training_queries"] for r in seeds.values()})
-        lines.append(f"| {name} | {cell(accs)} | {' / '.join(f'{q:,}' for q in queries)} | {len(accs)} |")
+        lines.append(f"| {name} | {mean_std(accs)} | {' / '.join(f'{q:,}' for q in queries)} | {len(accs)} |")
     teacher = next((r["teacher"]["accuracy"] for seeds in rows.values() for r in seeds.values()), None)
     if teacher is not None:
         lines.append(f"| the black-box teacher itself | {teacher:.4f} | | |")

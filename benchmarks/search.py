@@ -47,6 +47,7 @@ from kdforge.models.loading import load_model
 from kdforge.models.student import build_student
 from kdforge.recipes.stage import run_stages
 from kdforge.search.proxy import ProxyTask
+from kdforge.search.report import best_so_far, final_validation
 from kdforge.search.run import run_search, search_config
 from kdforge.search.space import SearchSpace
 from kdforge.search.trial import SearchContext, best_score, trial_config
@@ -144,20 +145,9 @@ def metrics_of(run_dir: str) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-def held_out(saved: dict) -> float | None:
-    values = [h["accuracy"] for h in saved.get("history", []) if isinstance(h.get("accuracy"), float)]
-    return max(values) if values else None
-
-
 def reached_at(trials: list[dict], target: float) -> int | None:
     """The number of trials run when the best reward first reached ``target``."""
-    best = float("-inf")
-    for t in sorted(trials, key=lambda t: t["number"]):
-        if t["state"] == "COMPLETE" and t.get("reward") is not None:
-            best = max(best, t["reward"])
-        if best >= target - 1e-12:
-            return t["number"] + 1
-    return None
+    return next((number + 1 for number, best in best_so_far(trials) if best >= target - 1e-12), None)
 
 
 def table(results: dict) -> str:
@@ -183,7 +173,8 @@ def table(results: dict) -> str:
             speed = timing["speedup"][name]["32"]
         rows[name] = {"acc": acc, "speed": speed["ratio"] if speed else None, "b32": ms(name, 32)}
         cell = f"{speed['ratio']:.2f}x [{speed['low']:.2f}-{speed['high']:.2f}]" if speed else ""
-        lines.append(f"| {name} | {acc:.4f} | {100 * acc / t_acc:.1f}% | {held_out(saved) or 0:.4f} | "
+        held_out = final_validation(run_dir, "accuracy", True)
+        lines.append(f"| {name} | {acc:.4f} | {100 * acc / t_acc:.1f}% | {held_out or 0:.4f} | "
                      f"{ms(name, 1) or 0:.2f} | {ms(name, 32) or 0:.1f} | {cell} | "
                      f"{saved['student']['params'] / 1e6:.1f}M |")
     if timing and timing.get("noisy"):
