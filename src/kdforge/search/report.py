@@ -21,12 +21,11 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
     """One JSON-ready record per trial: number, state, sampled choices, and what the trial measured."""
     records = []
     for t in study.get_trials(deepcopy=False):
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and \
-            t.datetime_start else None
         records.append({"number": t.number, "state": t.state.name, "choices": dict(t.params),
-                        "values": list(t.values) if t.values else None, "seconds": duration,
+                        "values": list(t.values) if t.values else None,
+                        "seconds": t.duration.total_seconds() if t.duration else None,
                         "epochs": len(t.intermediate_values), "retry_of": t.system_attrs.get("failed_trial"),
-                        **{k: v for k, v in t.user_attrs.items()}})
+                        **t.user_attrs})
     return records
 
 

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class SearchContext:
     space: SearchSpace
     folder: Path
     teacher_form: Form | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def teacher(self) -> LoadedModel:
