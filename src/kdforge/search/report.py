@@ -109,9 +109,9 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
     ]
     noisy = [r["number"] for r in complete if r.get("latency_noisy")]
     if noisy:
+        listed = ", ".join(f"#{n}" for n in noisy[:10]) + (", ..." if len(noisy) > 10 else "")
         blocks.append(("warning", f"latency of {len(noisy)} trial(s) was measured on a busy or noisy machine "
-                                  f"(#{', #'.join(map(str, noisy[:10]))}); their ratios to the teacher still hold "
-                                  "better than their milliseconds"))
+                                  f"({listed}); their ratios to the teacher still hold better than their milliseconds"))
     images: dict[str, bytes] = {}
     if best:
         by_number = {r["number"]: r for r in records}
