@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from kdforge.api import Distiller, distill, evaluate, finetune, search  # noqa: E402
+from kdforge.api import Distiller, distill, evaluate, finetune, search, study  # noqa: E402
 from kdforge.errors import KDForgeError  # noqa: E402
 
-__all__ = ["Distiller", "KDForgeError", "distill", "evaluate", "finetune", "search", "__version__"]
+__all__ = ["Distiller", "KDForgeError", "distill", "evaluate", "finetune", "search", "study", "__version__"]

@@ -76,6 +76,15 @@ def search(config: str | Path | dict | JobConfig, overrides: dict | list[str] | 
     return run_search(_config(config, overrides), workers, join)
 
 
+def study(config: str | Path | dict, overrides: dict | list[str] | None = None, workers: int = 1,
+          join: bool = False, report_only: bool = False):
+    """Run a study (:mod:`kdforge.study.config`: a base job, rows, axes, seeds, claims) on Optuna storage
+    and write its report; returns a :class:`kdforge.study.runner.StudyResult` (None when ``join``)."""
+    from kdforge.study.runner import run_study
+
+    return run_study(config, overrides, workers, join, report_only)
+
+
 def evaluate(run_dir_or_config: str | Path, overrides=None,
              black_boxes: Mapping[str, Callable[[list[dict]], Any]] | None = None) -> jobs.RunResult:
     """Evaluate the teacher and exported student of a finished run (``black_boxes`` as for :func:`distill`)."""

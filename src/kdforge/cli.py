@@ -1,4 +1,5 @@
-"""``kdforge`` command line: demo, finetune, distill, eval, export, bench-latency, compare, search, serve, list.
+"""``kdforge`` command line: demo, finetune, distill, eval, export, bench-latency, compare, search, study,
+serve, list.
 
 Every user error ends with one line ``kdforge: error: ...`` and exit status 2.
 """
@@ -83,6 +84,12 @@ def parser() -> argparse.ArgumentParser:
                         "machine, same search.storage and search.study_name): no final runs, no report")
     search.add_argument("--storage", help="Optuna storage URL (search.storage), e.g. postgresql://USER@HOST/DB")
     search.add_argument("--study-name", help="the study to create or join (search.study_name)")
+    study = add("study", "run a grid of jobs (rows x axes x seeds) with shared teachers, then report the rows "
+                "with intervals and decide the claims", "CONFIG")
+    study.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    study.add_argument("--join", action="store_true", help="only run runs of the study (a worker on another "
+                       "machine with the same storage and study_name): no report")
+    study.add_argument("--report-only", action="store_true", help="write the report from the storage; run nothing")
     serve = sub.add_parser("serve", help="serve a finished run's model as a black-box teacher over HTTP "
                            "(kdforge's JSON protocol) until Ctrl+C")
     serve.add_argument("target", metavar="RUN_DIR")
@@ -143,6 +150,14 @@ def run(args: argparse.Namespace) -> int:
         if outcome is not None:
             print(outcome.table)
             print(f"\nsearch folder: {outcome.folder}  (report.html, trials.json, best/)")
+        return 0
+    if args.command == "study":
+        from kdforge.study.runner import run_study
+
+        outcome = run_study(args.target, args.overrides, args.workers, args.join, args.report_only)
+        if outcome is not None:
+            print(outcome.table)
+            print(f"\nstudy folder: {outcome.folder}  (study.html, study.md, study.json, runs/)")
         return 0
     if args.command == "demo":
         config = load_config(demo_config_path(), args.overrides)

@@ -609,8 +609,8 @@ def validate_config(tree: dict, source: str = "config") -> JobConfig:
         raise KDForgeError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
-    """Read a YAML job config, apply overrides and validate it."""
+def read_yaml_mapping(path: str | Path, what: str = "task:, teacher:, student: ... sections") -> dict:
+    """A YAML file that must hold a mapping (plain YAML only: tags are never constructed)."""
     path = Path(path)
     if not path.is_file():
         raise KDForgeError(f"config file {path} not found; pass the path of a YAML config (see configs/)")
@@ -622,8 +622,13 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None =
     except yaml.YAMLError as err:
         raise KDForgeError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(tree, dict):
-        raise KDForgeError(f"{path} must hold a mapping with task:, teacher:, student: ... sections")
-    return validate_config(apply_overrides(tree, overrides), str(path))
+        raise KDForgeError(f"{path} must hold a mapping with {what}")
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job config, apply overrides and validate it."""
+    return validate_config(apply_overrides(read_yaml_mapping(path), overrides), str(path))
 
 
 def dump_config(config: JobConfig) -> str:

@@ -267,7 +267,8 @@ def score_latency_png(points: Sequence[Mapping[str, Any]], metric: str, batch_si
     """``metric`` against latency (ms per call at ``batch_size``) as PNG bytes, the Pareto front drawn.
 
     ``points``: ``{"name", "score", "latency_ms"}`` per model (teacher, student, exported forms), with
-    optional ``"low_ms"``/``"high_ms"`` drawn as a horizontal error bar around ``latency_ms``. Each point
+    optional ``"low_ms"``/``"high_ms"`` drawn as a horizontal error bar around ``latency_ms`` and
+    ``"score_low"``/``"score_high"`` as a vertical one around ``score``. Each point
     is labelled with its name; points on the front (:func:`pareto_front`) are joined by a step line
     and drawn as filled stars. The x-axis is logarithmic when the largest latency is over 10x the
     smallest. Points without a score or latency are left out; raises ``ValueError`` if none is left."""
@@ -291,6 +292,10 @@ def score_latency_png(points: Sequence[Mapping[str, Any]], metric: str, batch_si
             above = high - p["latency_ms"] if _number(high) else 0.0
             ax.errorbar(p["latency_ms"], p["score"], xerr=[[max(below, 0.0)], [max(above, 0.0)]], fmt="none",
                         ecolor="gray", elinewidth=1, capsize=3, zorder=1)
+        if _number(p.get("score_low")) and _number(p.get("score_high")):
+            spread = [[p["score"] - p["score_low"]], [p["score_high"] - p["score"]]]
+            ax.errorbar(p["latency_ms"], p["score"], yerr=spread, fmt="none", ecolor="gray", elinewidth=1,
+                        capsize=3, zorder=1)
         ax.scatter(p["latency_ms"], p["score"], marker="*" if i in on_front else "o",
                    s=140 if i in on_front else 45, color="C3" if i in on_front else "C0",
                    edgecolor="black", linewidth=0.5, zorder=3)
@@ -312,4 +317,29 @@ def score_latency_png(points: Sequence[Mapping[str, Any]], metric: str, batch_si
     ax.margins(x=0.12, y=0.1)
     fig.legend(loc="outside lower center", ncols=3, fontsize="small", frameon=False)
     _place_labels(fig, ax, kept)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- studies
+
+
+def score_by_axis_png(series: Mapping[str, Sequence[tuple[float, float, float | None]]], axis: str,
+                      metric: str) -> bytes:
+    """A study's score against one numeric axis as PNG bytes: per row, ``(x, mean, half-width of the 95%
+    interval or None)`` points joined by a line with error bars. Raises ``ValueError`` with no point."""
+    if not any(series.values()):
+        raise ValueError("score_by_axis_png needs at least one point")
+    fig = _new_figure(7.5, 4.6)
+    ax = fig.subplots()
+    for i, (name, points) in enumerate(series.items()):
+        points = sorted(points)
+        xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
+        errors = [h if _number(h) else 0.0 for _, _, h in points]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{i % 10}", label=name)
+    xs = sorted({x for points in series.values() for x, _, _ in points})
+    if len(xs) > 1 and xs[0] > 0 and xs[-1] > 10 * xs[0]:
+        ax.set_xscale("log")
+    ax.set(xlabel=axis, ylabel=f"{metric} (mean over seeds, 95% interval)", title=f"{metric} by {axis}")
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=min(4, len(series)), fontsize="small", frameon=False)
     return _png(fig)

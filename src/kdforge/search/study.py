@@ -19,20 +19,17 @@ machines), its sampler (which method proposes candidates) and its pruner.
 
 from __future__ import annotations
 
-import re
-import time
-import warnings
 from pathlib import Path
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from kdforge.config import JobConfig
 from kdforge.errors import KDForgeError
 from kdforge.search.controller import KDNASSampler
 from kdforge.search.space import SearchSpace
+from kdforge.search.storage import open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -46,22 +43,7 @@ def study_name(config: JobConfig) -> str:
 
 
 def make_storage(config: JobConfig) -> RDBStorage:
-    url, beat = storage_url(config), config.search.heartbeat_s
-    if not re.match(r"^(sqlite|postgresql|postgresql\+\w+|mysql|mysql\+\w+)://", url):
-        raise KDForgeError(f"search.storage {url!r} is not a database URL; give sqlite:///PATH or "
-                           "postgresql://USER@HOST:PORT/DB")
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    for attempt in range(3):  # workers starting together race to create the tables: the loser retries
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: used as documented
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=beat, grace_period=2 * beat,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
-        except Exception as err:  # noqa: BLE001  (sqlalchemy / driver errors of every kind)
-            problem = str(err).splitlines()[0]
-            time.sleep(0.5 * (attempt + 1))
-    raise KDForgeError(f"cannot open the search storage {url}: {problem}; check search.storage (the database "
-                       "must exist and accept connections)")
+    return open_storage(storage_url(config), config.search.heartbeat_s, "search.storage", "search")
 
 
 def make_sampler(config: JobConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:

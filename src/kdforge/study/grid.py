@@ -1,0 +1,101 @@
+"""A study's runs: every row at every axis point with every seed, each a validated job config.
+
+A run's job = the base, the row's settings, the axis values, then ``train.seed`` = the seed and
+``output_dir`` = ``<study>/runs/<row>/<point>/seed-<seed>``. A teacher's fine-tuning seed is pinned to the
+base's ``train.seed`` when the config leaves it to follow ``train.seed``, so the seeds of a row vary the
+student only and share one teacher (kdforge.study.teachers).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdforge.config import JobConfig, validate_config
+from kdforge.study.config import StudyConfig, flatten, merge
+
+IGNORED = ("output_dir", "train.seed")  # what every run sets for itself: not a difference between rows
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid; ``key`` names it in the study's storage and folders."""
+
+    row: str
+    point: str  # "" without axes, else "key=value, ..."
+    seed: int
+    tree: dict[str, Any]  # the job as the user wrote it (before shared teachers replace fine-tuning)
+
+    @property
+    def group(self) -> str:
+        return f"{self.row} @ {self.point}" if self.point else self.row
+
+    @property
+    def key(self) -> str:
+        return f"{self.group} / seed {self.seed}"
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps({k: v for k, v in self.tree.items() if k != "output_dir"}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def config(self) -> JobConfig:
+        return validate_config(copy.deepcopy(self.tree), f"study run {self.key!r}")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-") or "run"
+
+
+def axis_points(study: StudyConfig) -> list[dict[str, Any]]:
+    keys = list(study.axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*study.axes.values())]
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in point.items())
+
+
+def pin_teacher_seeds(tree: dict[str, Any]) -> None:
+    """A teacher whose fine-tuning follows ``train.seed`` keeps the base's seed (shared by the seeds)."""
+    seed = tree.get("train", {}).get("seed", 42)
+    sections = [tree.get("teacher"), *(tree.get("teachers") or {}).values()]
+    for section in sections:
+        if isinstance(section, dict) and isinstance(section.get("finetune"), dict) \
+                and section["finetune"].get("seed") is None:
+            section["finetune"]["seed"] = seed
+
+
+def expand(study: StudyConfig, base: dict[str, Any]) -> list[RunSpec]:
+    """Every run of the study, rows in order, then axis points, then seeds; each config validated
+    (a bad row is refused here, before any training)."""
+    runs = []
+    folder = Path(study.output_dir) / "runs"
+    for row in study.row_names():
+        for point in axis_points(study):
+            label = point_label(point)
+            tree = merge(copy.deepcopy(base), study.rows.get(row, {}))
+            tree = merge(tree, point)
+            pin_teacher_seeds(tree)
+            for seed in study.seeds:
+                run_tree = merge(copy.deepcopy(tree), {"train.seed": seed})
+                parts = [slug(row), *([slug(label)] if label else []), f"seed-{seed}"]
+                run_tree["output_dir"] = str(folder.joinpath(*parts))
+                spec = RunSpec(row, label, seed, run_tree)
+                spec.config()
+                runs.append(spec)
+    return runs
+
+
+def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The settings (dotted keys; a list counts as one) in which two jobs differ, besides the seed and
+    the output folder: a comparison should differ in one thing only."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if k not in IGNORED and flat_a.get(k) != flat_b.get(k)]

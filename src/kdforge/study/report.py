@@ -1,0 +1,254 @@
+"""The study report: ``study.json``, ``study.md`` and a self-contained ``study.html``.
+
+In order: a warning at the top when a teacher is below its floor (the table is then not evidence) or
+runs are missing; the budget (data, epochs, seeds); each teacher's own score beside the trivial
+predictor and its floor (:mod:`kdforge.study.floors`); per axis point, every row's score over seeds
+(mean +- std, 95% t interval) and its paired difference from the baseline row (:mod:`kdforge.study.stats`),
+with the settings in which it differs from the baseline when more than one; the claims, each worded
+by :func:`kdforge.study.stats.verdict` from its interval (nothing in a findings line is fixed text),
+the published effect beside ours; charts of the score against a numeric axis and against latency.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kdforge.evaluation.plots import score_by_axis_png, score_latency_png
+from kdforge.evaluation.render import render_html, render_markdown
+from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from kdforge.study.config import StudyConfig
+from kdforge.study.floors import teacher_floor
+from kdforge.study.grid import RunSpec, differing_settings
+from kdforge.study.stats import HOLDS, UNDECIDED, Interval, paired_difference, t_interval, verdict
+
+RAW = {"sharpness", "params", "size_mb", "perplexity", "loss"}  # shown as they are; other values in points
+
+
+def in_points(metric: str) -> bool:
+    return metric not in RAW and not metric.startswith("latency_")
+
+
+def unit(metric: str) -> str:
+    return " pts" if in_points(metric) else ""
+
+
+def shown(value: float | None, metric: str, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    scaled = 100 * value if in_points(metric) else value
+    return f"{scaled:+.2f}" if signed else f"{scaled:.2f}"
+
+
+def interval_text(iv: Interval | None, metric: str) -> str:
+    if iv is None or iv.low is None:
+        return "n/a (one seed)"
+    return f"[{shown(iv.low, metric, True)}, {shown(iv.high, metric, True)}]"
+
+
+def seed_values(summaries: dict[int, dict], metric: str) -> dict[int, float]:
+    return {seed: s["student"][metric] for seed, s in summaries.items() if s["student"].get(metric) is not None}
+
+
+def mean_of(summaries: dict[int, dict], key: str) -> float | None:
+    found = [s["student"][key] for s in summaries.values() if s["student"].get(key) is not None]
+    return sum(found) / len(found) if found else None
+
+
+class StudyTables:
+    """The finished runs arranged by axis point and row, and the comparisons between them."""
+
+    def __init__(self, study: StudyConfig, runs: list[RunSpec], summaries: dict[str, dict]):
+        self.study, self.runs, self.summaries = study, runs, summaries
+        self.points = list(dict.fromkeys(r.point for r in runs))
+        self.rows = study.row_names()
+        self.cells: dict[tuple[str, str], dict[int, dict]] = {}
+        self.specs: dict[tuple[str, str], RunSpec] = {}
+        for run in runs:
+            self.specs.setdefault((run.point, run.row), run)
+            if run.key in summaries:
+                self.cells.setdefault((run.point, run.row), {})[run.seed] = summaries[run.key]
+        first = next(iter(summaries.values()), None)
+        self.metric = first["main_metric"] if first else None
+        self.greater = first.get("greater_is_better", True) if first else True
+
+    def differs(self, point: str, a: str, b: str) -> list[str]:
+        spec_a, spec_b = self.specs[(point, a)], self.specs[(point, b)]
+        return differing_settings(spec_a.config().model_dump(mode="json"), spec_b.config().model_dump(mode="json"))
+
+    def difference(self, point: str, a: str, b: str, metric: str) -> Interval | None:
+        return paired_difference(seed_values(self.cells.get((point, a), {}), metric),
+                                 seed_values(self.cells.get((point, b), {}), metric))
+
+
+def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], list[str]]:
+    """Each distinct teacher's score, trivial baseline and floor; the warnings for those below it."""
+    seen: dict[str, dict] = {}
+    for summary in tables.summaries.values():
+        seen.setdefault(summary.get("teacher_id", "teacher"), summary)
+    out, warnings = [], []
+    for name, summary in seen.items():
+        metric = summary["main_metric"]
+        score, base = summary["teacher"].get(metric), summary["baseline"].get(metric)
+        floor = teacher_floor(summary["task"], metric, base, study.teacher_floor)
+        clears = floor.clears(score)
+        out.append({"teacher": name, "task": summary["task"], "metric": metric, "score": score, "baseline": base,
+                    "floor": floor.value, "rule": floor.rule, "clears": clears})
+        if clears is False:
+            warnings.append(f"This table is not evidence: teacher {name} scores {metric} {score:.4f} on "
+                            f"{summary['task']}, below its floor {floor.value:.4f} ({floor.rule}).")
+    return out, warnings
+
+
+def row_table(tables: StudyTables, point: str) -> tuple[list[str], list[list[str]], list[dict]]:
+    metric, base = tables.metric, tables.study.baseline_row()
+    headers = ["row", "seeds", f"{metric} mean ± std", "95% interval", f"Δ vs {base}{unit(metric)}",
+               "Δ 95% interval", "vs baseline", "ECE", "params", "b32 ms", "differs from the baseline in"]
+    rows, records = [], []
+    for row in tables.rows:
+        cell = tables.cells.get((point, row), {})
+        values = seed_values(cell, metric)
+        iv = t_interval(list(values.values())) if values else None
+        diff = tables.difference(point, row, base, metric) if row != base else None
+        settings = tables.differs(point, row, base) if row != base else []
+        direction = "higher" if tables.greater else "lower"
+        word = {HOLDS: "better", UNDECIDED: "undecided"}.get(verdict(diff, direction), "worse") if diff else ""
+        flag = ", ".join(settings) if len(settings) > 1 else ""
+        if len(settings) > 1:
+            flag = f"{len(settings)} settings at once: {flag}"
+        mean_std = "n/a" if iv is None else \
+            f"{shown(iv.mean, metric)} ± {shown(iv.std, metric) if iv.std is not None else 'n/a'}"
+        ece, params, b32 = mean_of(cell, "ece"), mean_of(cell, "params"), mean_of(cell, "latency_b32_ms")
+        rows.append([row, str(len(values)), mean_std, interval_text(iv, metric),
+                     shown(diff.mean, metric, True) if diff else "", interval_text(diff, metric) if diff else "",
+                     word, shown(ece, "ece"), f"{params / 1e6:.2f}M" if params else "n/a",
+                     f"{b32:.1f}" if b32 else "n/a", flag])
+        records.append({"point": point, "row": row, "seeds": sorted(values), "score": iv.to_dict() if iv else None,
+                        "difference": diff.to_dict() if diff else None, "vs_baseline": word,
+                        "differs_in": settings, "ece": ece, "params": params, "latency_b32_ms": b32})
+    return headers, rows, records
+
+
+def claim_records(tables: StudyTables) -> list[dict]:
+    records = []
+    for claim in tables.study.claims:
+        metric = claim.metric or tables.metric
+        for point in tables.points:
+            diff = tables.difference(point, claim.a, claim.b, metric)
+            result = verdict(diff, claim.direction)
+            text = claim.text or f"{claim.a} scores {claim.direction} {metric} than {claim.b}"
+            settings = tables.differs(point, claim.a, claim.b)
+            records.append({"claim": text, "point": point, "metric": metric, "direction": claim.direction,
+                            "difference": diff.to_dict() if diff else None, "verdict": result,
+                            "detectable": diff.half_width if diff else None, "paper": claim.paper,
+                            "source": claim.source, "differs_in": settings})
+    return records
+
+
+def finding(record: dict) -> str:
+    """One findings line, every word of it from the numbers."""
+    metric, diff = record["metric"], record["difference"]
+    where = f" at {record['point']}" if record["point"] else ""
+    if diff is None:
+        return f"{record['claim']}{where}: no seed ran both rows yet: {UNDECIDED}."
+    iv = Interval(diff["mean"], diff["std"], diff["low"], diff["high"], diff["n"])
+    line = (f"{record['claim']}{where}: difference {shown(iv.mean, metric, True)}{unit(metric)}, 95% interval "
+            f"{interval_text(iv, metric)} over {iv.n} paired seed(s): {record['verdict']}")
+    if record["verdict"] == UNDECIDED and iv.half_width is not None:
+        line += f" (smallest difference this study could detect: {shown(iv.half_width, metric)}{unit(metric)})"
+    if record["paper"] is not None:
+        line += f"; the paper reports {record['paper']:+.2f}{unit(metric)}"
+        line += f" ({record['source']})" if record["source"] else ""
+    if len(record["differs_in"]) > 1:
+        line += f"; the rows differ in {len(record['differs_in'])} settings ({', '.join(record['differs_in'])})"
+    return line + "."
+
+
+def charts(tables: StudyTables) -> list[tuple[str, bytes, str]]:
+    metric, images = tables.metric, []
+    axes = list(tables.study.axes)
+    numeric = len(axes) == 1 and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                     for v in tables.study.axes[axes[0]])
+    if numeric and tables.cells:
+        series = {}
+        for row in tables.rows:
+            points = []
+            for point, value in zip(tables.points, tables.study.axes[axes[0]], strict=True):
+                values = seed_values(tables.cells.get((point, row), {}), metric)
+                if values:
+                    iv = t_interval(list(values.values()))
+                    points.append((float(value), iv.mean, iv.half_width))
+            series[row] = points
+        if any(series.values()):
+            images.append(("study-axis.png", score_by_axis_png(series, axes[0], metric), f"{metric} by {axes[0]}"))
+    base = tables.study.baseline_row()
+    students_differ = any(k.startswith(("student", "assistants")) for point in tables.points for row in tables.rows
+                          if row != base for k in tables.differs(point, row, base))
+    if students_differ:
+        points = []
+        for (point, row), cell in tables.cells.items():
+            values, latency = seed_values(cell, metric), mean_of(cell, "latency_b32_ms")
+            if values and latency:
+                iv = t_interval(list(values.values()))
+                points.append({"name": f"{row} @ {point}" if point else row, "score": iv.mean, "latency_ms": latency,
+                               "score_low": iv.low, "score_high": iv.high})
+        if points:
+            images.append(("study-latency.png", score_latency_png(points, metric, 32, tables.greater),
+                           f"{metric} vs latency"))
+    return images
+
+
+def budget_line(tables: StudyTables) -> str:
+    spec = next(iter(tables.specs.values()))
+    config = spec.config()
+    task, train = config.task, config.train
+    rows = f"{task.train_limit:,} training rows" if task.train_limit else "the full training set"
+    teachers = ", ".join(f"{role} {t.model} ({t.finetune.epochs} fine-tuning epochs)" if t.finetune else
+                         f"{role} {t.model or 'black box'}" for role, t in config.teacher_configs().items())
+    return (f"Budget: {task.name}, {rows}; students {train.epochs} epochs at batch {train.batch_size}, lr {train.lr:g} "
+            f"(unless a row changes it); seeds {tables.study.seeds}; teachers: {teachers}. Intervals: 95% Student-t "
+            "over seeds (paired by seed for differences), assuming normal differences.")
+
+
+def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], summaries: dict[str, dict],
+                       storage: str) -> tuple[dict[str, Any], str]:
+    """Write the report files into ``folder``; returns what ``study.json`` holds and the main table."""
+    tables = StudyTables(study, runs, summaries)
+    todo = [r.key for r in runs if r.key not in summaries]
+    teachers, warnings = teacher_rows(tables, study)
+    blocks: list = [("h1", f"kdforge study: {folder.name}")]
+    blocks += [("warning", w) for w in warnings]
+    if todo:
+        blocks.append(("warning", f"Half-finished: {len(summaries)} of {len(runs)} runs done; still to do: "
+                                  f"{', '.join(todo)}."))
+    blocks.append(("p", budget_line(tables)))
+    if teachers:
+        blocks += [("h2", "Teachers"), ("table", (
+            ["teacher", "task", "metric", "score", "trivial predictor", "floor", "rule", "clears"],
+            [[t["teacher"], t["task"], t["metric"], f"{t['score']:.4f}" if t["score"] is not None else "n/a",
+              f"{t['baseline']:.4f}" if t["baseline"] is not None else "n/a",
+              f"{t['floor']:.4f}" if t["floor"] is not None else "n/a", t["rule"],
+              {True: "yes", False: "NO", None: "n/a"}[t["clears"]]] for t in teachers]))]
+    records, main_table = [], ""
+    for point in tables.points:
+        if tables.metric is None:
+            break
+        headers, rows, recs = row_table(tables, point)
+        records += recs
+        blocks += [("h2", f"Rows at {point}" if point else "Rows"), ("table", (headers, rows))]
+        main_table = main_table or render_markdown([("table", (headers, rows))])
+    claims = claim_records(tables) if tables.metric else []
+    if claims:
+        blocks += [("h2", "Claims"), *(("p", finding(r)) for r in claims)]
+    images = charts(tables) if tables.metric else []
+    for name, png, alt in images:
+        atomic_write_bytes(folder / name, png)
+        blocks.append(("image", (name, png, alt)))
+    blocks.append(("p", f"Storage: {storage}. Resume or extend: kdforge study {folder / 'study-config.yaml'}"))
+    report = {"name": folder.name, "complete": not todo, "todo": todo, "teachers": teachers,
+              "evidence": not warnings, "rows": records, "claims": claims, "runs": summaries,
+              "seeds": study.seeds, "baseline": study.baseline_row()}
+    atomic_write_json(folder / "study.json", report)
+    atomic_write_text(folder / "study.md", render_markdown(blocks))
+    atomic_write_text(folder / "study.html", render_html(blocks, f"kdforge study: {folder.name}"))
+    return report, main_table

@@ -1,0 +1,247 @@
+"""``kdforge study CONFIG``: run a grid of whole jobs on Optuna storage, then write the study report.
+
+Each run of the grid (:mod:`kdforge.study.grid`) is one Optuna trial, named by its key in the trial's
+``run`` attribute. A worker repeatedly takes the first run that no worker has finished or is running,
+claims it by creating a trial, and yields it when a trial with a lower number claimed the same run at
+the same moment (so two workers never run one run, on one machine or many). While a run trains, its
+worker sends heartbeats; a run whose worker went silent for twice ``heartbeat_s`` is failed by the
+next worker that looks and run again from its checkpoint (``run_distill(resume=True)``). A finished
+run's summary (:func:`kdforge.study.summary.run_summary`) is kept in its trial, so the report can be
+written from the storage alone; running the command again resumes the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.trial import TrialState
+
+from kdforge.config import validate_config
+from kdforge.errors import KDForgeError
+from kdforge.io import atomic_write_text
+from kdforge.search.storage import open_storage
+from kdforge.study.config import StudyConfig, load_study
+from kdforge.study.grid import RunSpec, expand
+from kdforge.study.summary import run_summary
+from kdforge.study.teachers import ensure_teacher, shared_teacher_jobs, with_shared_teachers
+
+log = logging.getLogger("kdforge")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class StudyResult:
+    folder: Path
+    summaries: dict[str, dict[str, Any]]
+    report: dict[str, Any]
+    table: str
+
+
+def storage_url(study: StudyConfig) -> str:
+    return study.storage or f"sqlite:///{Path(study.output_dir).resolve() / 'study.db'}"
+
+
+def open_study(study: StudyConfig) -> optuna.Study:
+    storage = open_storage(storage_url(study), study.heartbeat_s, "storage", "study", retry_stale=False)
+    name = study.study_name or Path(study.output_dir).name
+    return optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                               sampler=optuna.samplers.RandomSampler(), direction="maximize")
+
+
+def finished(study: optuna.Study, runs: list[RunSpec]) -> dict[str, dict[str, Any]]:
+    """Run key -> summary of every run finished with its current config (a run whose config changed
+    since counts as not finished)."""
+    hashes = {r.key: r.config_hash for r in runs}
+    done = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        key = trial.user_attrs.get("run")
+        if key in hashes and trial.user_attrs.get("config_hash") == hashes[key]:
+            done[key] = trial.user_attrs["summary"]
+    return done
+
+
+def running(study: optuna.Study, exclude: int | None = None) -> dict[str, int]:
+    """Run key -> the lowest trial number running it (besides trial ``exclude``)."""
+    busy: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        key = trial.user_attrs.get("run")
+        if key is not None and trial.number != exclude:
+            busy[key] = min(trial.number, busy.get(key, trial.number))
+    return busy
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, trial_id: int, every_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat now and every ``every_s`` seconds until the block ends."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            storage.record_heartbeat(trial_id)
+
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name="kdforge-study-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def claim(study: optuna.Study, run: RunSpec) -> optuna.Trial | None:
+    """A trial running ``run`` for this worker, or None when another worker claimed it first."""
+    trial = study.ask()
+    trial.set_user_attr("run", run.key)
+    trial.set_user_attr("config_hash", run.config_hash)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    study._storage.record_heartbeat(trial._trial_id)
+    first = running(study).get(run.key)
+    if first is not None and first < trial.number:  # a worker claimed it a moment before us
+        trial.set_user_attr("duplicate_of", first)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial
+
+
+def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str, Any]:
+    """Train the run's shared teachers if not done yet, then the run itself; returns its summary."""
+    from kdforge.jobs import run_distill
+    from kdforge.tasks.base import build_task
+
+    config = run.config()
+    task_key = config.task.model_dump_json()
+    if task_key not in tasks:
+        tasks[task_key] = build_task(config.task)
+    task = tasks[task_key]
+    models = {role: ensure_teacher(job, task) for role, job in shared_teacher_jobs(config, task, teachers_dir).items()}
+    job = validate_config(with_shared_teachers(run.tree, models), f"study run {run.key!r}")
+    run_dir = Path(job.output_dir)
+    saved_config = run_dir / "config.yaml"
+    changed = (run_dir / "metrics.json").is_file() and saved_config.is_file() and \
+        yaml.safe_load(saved_config.read_text()) != job.model_dump(mode="json")
+    if changed:
+        log.info("%s: the finished run there had other settings; it is replaced once this one completes", run_dir)
+    run_distill(job, resume=not changed, overwrite=changed)
+    primary = next(iter(job.teacher_configs()))
+    spec = config.teacher_configs()[primary]
+    teacher_id = models[primary].parent.parent.name if primary in models else \
+        (spec.model or f"black box {spec.black_box.version or ''}".strip())
+    return run_summary(run_dir / "metrics.json", run, teacher_id, task.greater_is_better)
+
+
+def eta_line(study: optuna.Study, runs: list[RunSpec], started: float) -> str:
+    done = finished(study, runs)
+    busy = running(study)
+    left = len(runs) - len(done)
+    took = [(t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("run") in done and t.datetime_complete and t.datetime_start]
+    eta = ""
+    if took and left:
+        seconds = sum(took) / len(took) * left / max(1, len(busy))
+        eta = f", ETA {seconds / 60:.0f} min ({sum(took) / len(took) / 60:.1f} min a run)"
+    return (f"{len(done)}/{len(runs)} runs done, {len(busy)} running, {left} left{eta}; "
+            f"this worker {(time.time() - started) / 60:.1f} min")
+
+
+def run_worker(study_cfg: StudyConfig, study: optuna.Study, runs: list[RunSpec]) -> None:
+    """Run open runs until none is left (each run tried once by this worker)."""
+    teachers_dir = Path(study_cfg.teachers_dir or Path(study_cfg.output_dir) / "teachers")
+    tried: set[str] = set()
+    tasks: dict[str, Any] = {}
+    started = time.time()
+    while True:
+        fail_stale_trials(study)
+        done, busy = finished(study, runs), running(study)
+        todo = [r for r in runs if r.key not in done and r.key not in busy and r.key not in tried]
+        if not todo:
+            return
+        run = todo[0]
+        trial = claim(study, run)
+        if trial is None:
+            continue
+        tried.add(run.key)
+        log.info("study run %s (%s)", run.key, run.tree["output_dir"])
+        try:
+            with heartbeat(study._storage, trial._trial_id, study_cfg.heartbeat_s):
+                summary = execute(run, teachers_dir, tasks)
+        except KDForgeError as err:
+            trial.set_user_attr("error", str(err))
+            study.tell(trial, state=TrialState.FAIL)
+            log.error("study run %s failed: %s (the next `kdforge study` runs it again)", run.key, err)
+            continue
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        trial.set_user_attr("summary", summary)
+        study.tell(trial, summary["value"])
+        log.info("study %s: %s", study.study_name, eta_line(study, runs, started))
+
+
+def worker_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def spawn_workers(config_path: Path, count: int, threads: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "kdforge.cli", "study", str(config_path), "--join"]
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join: bool = False,
+              report_only: bool = False) -> StudyResult | None:
+    """Run (resume, or join) the study; write its report unless ``join``. See the module docstring."""
+    from kdforge.study.report import write_study_report
+
+    if workers < 1:
+        raise KDForgeError(f"--workers {workers}: give 1 or more worker processes")
+    study_cfg, base = load_study(source, overrides)
+    runs = expand(study_cfg, base)  # every run's config validated before anything is trained
+    folder = Path(study_cfg.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "study-config.yaml"
+    if not join:
+        atomic_write_text(config_path, yaml.safe_dump({**study_cfg.model_dump(mode="json"), "base": base},
+                                                      sort_keys=False))
+    study = open_study(study_cfg)  # a bad URL or an unreachable database: refused before any training
+    if not report_only:
+        from kdforge.preflight import check_job
+        from kdforge.recipes.catalog import check_stages
+
+        for run in runs:
+            config = run.config()
+            check_job(config, "distill")
+            check_stages(config)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
+        log.info("study %s: %d runs (%d rows x %d points x %d seeds), storage %s; %s", study.study_name, len(runs),
+                 len(study_cfg.row_names()), len(runs) // (len(study_cfg.row_names()) * len(study_cfg.seeds)),
+                 len(study_cfg.seeds), storage_url(study_cfg), eta_line(study, runs, time.time()))
+        helpers = spawn_workers(config_path, workers - 1, worker_threads(workers)) if workers > 1 else []
+        try:
+            run_worker(study_cfg, study, runs)
+        finally:
+            failed = [p.wait() for p in helpers]
+        if any(failed):
+            log.warning("%d worker process(es) ended with an error; their runs are run again by the next "
+                        "`kdforge study`", sum(1 for code in failed if code))
+    if join:
+        return None
+    summaries = finished(study, runs)
+    report, table = write_study_report(folder, study_cfg, runs, summaries, storage_url(study_cfg))
+    return StudyResult(folder, summaries, report, table)
