@@ -36,8 +36,6 @@ from kdforge.problems.kinds import IGNORE, next_token_targets
 from kdforge.tasks.base import TASKS, ListDataset, Scores, Task
 from kdforge.tasks.passages import corpus_texts
 
-__all__ = ["IGNORE", "LMCollator", "LanguageModelTask", "next_token_targets"]
-
 
 class LMCollator:
     """Tokenizes passages with dynamic padding; ``labels`` are the input ids with padding set to -100
