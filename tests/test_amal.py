@@ -16,6 +16,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.problems import Classification
 from kdforge.progress import Progress
 from kdforge.recipes.amal import (
     AMALParams,
@@ -133,7 +134,7 @@ def make_step(**params) -> tuple[AMALStep, list[dict]]:
 
     validation = ValidationBatches(val_rows, collate, 4, seed=0)
     step = AMALStep(ModelAdapter(student), loss, {"teacher": LiveTeacher(ModelAdapter(teacher, teacher=True))},
-                    [0.5, 0.5], N_TRAIN, validation, task_loss("classification"), AMALParams(meta_lr=1.0, **params),
+                    [0.5, 0.5], N_TRAIN, validation, task_loss(Classification()), AMALParams(meta_lr=1.0, **params),
                     virtual_lr=0.5)
     x = torch.randn(N_TRAIN, D, generator=g)
     batches = [{"inputs": x[i:i + 4], "labels": torch.arange(i, i + 4) % C, "index": torch.arange(i, i + 4)}

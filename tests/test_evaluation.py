@@ -14,7 +14,6 @@ from torch import nn
 
 import kdforge.io as kio
 from kdforge.evaluation import latency as latency_mod
-from kdforge.evaluation.calibration import expected_calibration_error, reliability_bins
 from kdforge.evaluation.latency import image_inputs, measure_latency, model_latency, text_inputs
 from kdforge.evaluation.report import (
     ModelReport,
@@ -25,6 +24,7 @@ from kdforge.evaluation.report import (
 from kdforge.evaluation.report_page import write_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.io import atomic_write_json, atomic_write_text
+from kdforge.problems.calibration import expected_calibration_error, reliability_bins
 
 # --------------------------------------------------------------------------- calibration
 
@@ -46,7 +46,7 @@ def test_ece_hand_derived():
 
 
 def test_reliability_from_confidence_matches_the_probability_rows():
-    from kdforge.evaluation.calibration import reliability_from_confidence
+    from kdforge.problems.calibration import reliability_from_confidence
 
     confidence = TOY_PROBS.max(axis=1)
     correct = TOY_PROBS.argmax(axis=1) == TOY_LABELS

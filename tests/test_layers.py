@@ -6,8 +6,10 @@ function to dodge a cycle still counts. ``from package import name`` is an edge 
 ``package.name`` when there is one, else to ``package``; the implicit import of a module's parent
 packages is not an edge.
 
-Rules: no import cycle, and the engine imports nothing from the objectives or the recipes (data flows
-down: the engine knows no objective).
+Rules: no import cycle, and a lower layer imports nothing from the layers above it (data flows down):
+the engine nothing from the objectives or the recipes (the engine knows no objective); the tasks nothing
+from the evaluation; the problem kinds (``kdforge.problems``, below both) nothing from either, nor from
+the engine, models, objectives or recipes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 Graph = dict[str, dict[str, list[int]]]
 """module -> {imported module: line numbers of the imports}"""
 
+BELOW = {
+    "kdforge.engine": ("kdforge.objectives", "kdforge.recipes"),
+    "kdforge.tasks": ("kdforge.evaluation",),
+    "kdforge.problems": ("kdforge.tasks", "kdforge.evaluation", "kdforge.engine", "kdforge.models",
+                         "kdforge.objectives", "kdforge.recipes"),
+}
+"""package -> the packages above it, from which it imports nothing"""
 
 
 def module_files(src: Path, package: str) -> dict[str, tuple[Path, bool]]:
@@ -124,6 +133,16 @@ def find_cycles(graph: Graph, ignore: set[tuple[str, str]] = frozenset()) -> lis
     return sorted(cycles)
 
 
+def within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(graph: Graph, package: str, above: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The edges from a module of ``package`` to a module of one of the packages ``above`` it."""
+    return sorted((m, t) for m, targets in graph.items() if within(m, package)
+                  for t in targets if any(within(t, a) for a in above))
+
+
 def describe(cycle: list[str], graph: Graph) -> str:
     steps = [f"{a} -> {b} (line {', '.join(map(str, graph[a][b]))} of {a})"
              for a, b in zip(cycle, cycle[1:], strict=False)]
@@ -156,6 +175,8 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
     assert g["pkg.sub.d"] == {"pkg.c": [1], "pkg.sub": [2], "pkg.b": [3]}
     assert find_cycles(g) == [["pkg.a", "pkg.b", "pkg.a"]]
     assert find_cycles(g, ignore={("pkg.b", "pkg.a")}) == []
+    assert upward_imports(g, "pkg.sub", ("pkg.c", "pkg.b")) == [("pkg.sub.d", "pkg.b"), ("pkg.sub.d", "pkg.c")]
+    assert upward_imports(g, "pkg.c", ("pkg.sub",)) == []
 
 
 def test_no_import_cycles(graph):
@@ -164,9 +185,10 @@ def test_no_import_cycles(graph):
         describe(c, graph) for c in cycles)
 
 
-def test_the_engine_knows_no_objective_or_recipe(graph):
-    upward = {(m, t) for m, targets in graph.items() if m == "kdforge.engine" or m.startswith("kdforge.engine.")
-              for t in targets if t.split(".")[:2] in (["kdforge", "objectives"], ["kdforge", "recipes"])}
-    bad = sorted(upward)
-    assert not bad, "the engine imports objectives/recipes: " + "; ".join(
+@pytest.mark.parametrize("package", list(BELOW))
+def test_a_lower_layer_imports_nothing_above_it(graph, package):
+    """The engine knows no objective or recipe; tasks score models with their problem kind, not with
+    evaluation/; the problem kinds sit below both."""
+    bad = upward_imports(graph, package, BELOW[package])
+    assert not bad, f"{package} imports from {', '.join(BELOW[package])}: " + "; ".join(
         f"{m} -> {t} (line {', '.join(map(str, graph[m][t]))})" for m, t in bad)

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.calibration import reliability_bins
 from kdforge.evaluation.compare import compare_runs, config_differences, flatten
 from kdforge.evaluation.plots import (
     data_range,
@@ -21,6 +20,7 @@ from kdforge.evaluation.plots import (
     split_history_keys,
     training_curves_png,
 )
+from kdforge.problems.calibration import reliability_bins
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 from kdforge.config import TaskConfig
 from kdforge.evaluation.report import ModelReport
 from kdforge.evaluation.sanity import majority_baseline, per_class_report, sanity_warnings
+from kdforge.problems import Regression
 from kdforge.tasks.base import build_task
 from kdforge.tasks.vision import ImageArrayDataset
 from tests.helpers import write_csv
@@ -81,7 +82,8 @@ def test_majority_baseline_regression_mean_and_undefined_correlations(tmp_path):
 class ScipyRegression:
     """A regression task scoring with scipy directly: NaN and a ConstantInputWarning for a constant."""
 
-    problem_type = "regression"
+    problem = Regression()
+    num_labels = 1
 
     def compute_metrics(self, predictions, labels):
         from scipy import stats

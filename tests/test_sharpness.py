@@ -15,6 +15,7 @@ from kdforge.errors import KDForgeError
 from kdforge.evaluation.sharpness import hessian_top_eigenvalue, model_sharpness
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
+from kdforge.problems import LanguageModelling
 from kdforge.tasks.base import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,7 +158,7 @@ def test_model_sharpness_on_digits_sees_a_sharper_model():
 
 
 def test_model_sharpness_refuses_language_modelling():
-    task = SimpleNamespace(problem_type="language_modeling")
+    task = SimpleNamespace(problem=LanguageModelling())
     with pytest.raises(KDForgeError, match="not supported for language modeling"):
         model_sharpness(LoadedModel(nn.Linear(2, 2)), task, [1], EvalConfig())
 

@@ -52,7 +52,11 @@ class RunResult:
 
 
 def task_loss_config(task: Task) -> list[ObjectiveConfig]:
-    name = {"regression": "mse", "language_modeling": "next_token_ce"}.get(task.problem_type, "ce")
+    """The task loss alone (a teacher's fine-tuning): the objective of the task's problem kind."""
+    name = task.problem.objective
+    if name is None:
+        raise KDForgeError(f"task {task.name}: problem kind {task.problem_type!r} names no objective to fine-tune "
+                           "a teacher with; give a teacher that needs no fine-tuning")
     return [ObjectiveConfig(name=name)]
 
 

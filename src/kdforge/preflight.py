@@ -154,12 +154,11 @@ def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: b
 
 def check_models(config: JobConfig, command: str) -> None:
     """Teachers, student and assistants: found, intact, reachable, and long enough for the inputs."""
-    import kdforge.tasks  # noqa: F401  (fills the task registry)
-    from kdforge.tasks.base import TASKS
+    from kdforge.tasks.base import TASKS, task_problem
 
     task_cls = TASKS.get(config.task.name, "task.name")
     text = getattr(task_cls, "modality", "text") == "text"
-    causal = getattr(task_cls, "problem_type", None) == "language_modeling"
+    causal = task_problem(config.task).causal_lm
     lengths = _lengths(config, command) if text else []
     teachers = config.teacher_configs()
     first_config = None
@@ -195,13 +194,13 @@ def check_trackers(config: JobConfig) -> None:
 def check_exports(config: JobConfig) -> None:
     """ONNX export and the sharpness measure are for classifiers and regressors (text and vision), not
     language models."""
-    from kdforge.tasks.base import TASKS
+    from kdforge.tasks.base import task_problem
 
-    task_class = TASKS.get(config.task.name, "task.name")
-    if config.eval.sharpness and getattr(task_class, "problem_type", None) == "language_modeling":
+    causal = task_problem(config.task).causal_lm
+    if config.eval.sharpness and causal:
         raise KDForgeError(f"eval.sharpness: task {config.task.name} trains a language model, whose sharpness "
                            "kdforge does not measure; set eval.sharpness: false")
-    if config.export.onnx and getattr(task_class, "problem_type", None) == "language_modeling":
+    if config.export.onnx and causal:
         raise KDForgeError(f"export.onnx: task {config.task.name} trains a language model, which kdforge does not "
                            "export to ONNX (sequence classifiers and vision nets only); set export.onnx: false")
 
@@ -231,16 +230,15 @@ def check_black_boxes(config: JobConfig, command: str, black_boxes=None) -> None
     a black box (the teacher's layers, config and vocabulary are not visible)."""
     from kdforge.blackbox.clients import HttpTeacher
     from kdforge.blackbox.teacher import cache_folder, resolve_callable
-    from kdforge.tasks.base import TASKS
+    from kdforge.tasks.base import task_problem
 
     teachers = config.teacher_configs()
     black = {role: t.black_box for role, t in teachers.items() if t.black_box is not None}
     if not black or command != "distill":
         return
-    task_cls = TASKS.get(config.task.name, "task.name")
-    problem = "regression" if config.task.problem_type == "regression" else getattr(task_cls, "problem_type", None)
-    if problem != "classification":
-        raise KDForgeError(f"task {config.task.name} is a {problem} task but a black-box teacher answers class "
+    problem = task_problem(config.task)
+    if not problem.classes:
+        raise KDForgeError(f"task {config.task.name} is a {problem.name} task but a black-box teacher answers class "
                            "probabilities; use a classification task or a teacher `model`")
     if next(iter(teachers)) in black:
         learners = {"student": config.student} if config.student is not None else {}

@@ -130,9 +130,8 @@ def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:
     scores = majority_baseline(task, task.split("train"), data, config.eval.ece_bins)
     if scores is None:
         return None
-    name = "majority class" if task.problem_type == "classification" else "training mean"
-    return ModelReport(name=name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece, params=0,
-                       size_mb=0.0, latency={}, reliability=None)
+    return ModelReport(name=task.problem.baseline_name, metrics=scores.metrics, main_metric=task.main_metric,
+                       ece=scores.ece, params=0, size_mb=0.0, latency={}, reliability=None)
 
 
 def phase_histories(config: JobConfig, history: list[dict] | None,
@@ -239,7 +238,7 @@ def write_student_card(config: JobConfig, task: Task, run_dir: Path, saved: dict
     teacher_source = teacher_spec.model or f"a black box ({teacher_spec.black_box.describe()})"
     student = config.student.model_dump(exclude_defaults=True)
     described = ", ".join(f"{k}: {v}" for k, v in student.items()) or "the teacher's architecture"
-    pipeline_tag = {"language_modeling": "text-generation"}.get(task.problem_type) or (
+    pipeline_tag = task.problem.pipeline_tag or (
         "image-classification" if task.modality == "image" else "text-classification")
     return write_model_card(
         run_dir / STUDENT, task_name=task.name, metrics=saved["student"]["metrics"],

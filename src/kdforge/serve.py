@@ -139,7 +139,7 @@ def model_predictor(loaded_model: Any, task: Any, batch_size: int = 64) -> Calla
     (a kdforge Task) does; at most ``batch_size`` inputs per forward pass, one request at a time."""
     from kdforge.models.adapter import ModelAdapter
 
-    if task.problem_type != "classification":
+    if not task.problem.classes:
         raise KDForgeError(f"task {task.name} is a {task.problem_type} task; only classification models "
                            "can be served as black-box teachers (they answer class probabilities)")
     model = loaded_model.model

@@ -164,7 +164,7 @@ def resolve_callable(spec: str, black_boxes: BlackBoxes | None, key: str) -> Cal
 
 def black_box_classes(spec: BlackBoxConfig, task: Any, key: str) -> int:
     """The teacher's class count: the task's; ``num_classes`` when given must agree with it."""
-    if getattr(task, "problem_type", None) != "classification":
+    if not task.problem.classes:
         raise KDForgeError(f"{key}: a black-box teacher answers class probabilities, but task {task.name} is "
                            f"{task.problem_type}; use a classification task or a teacher `model`")
     if spec.num_classes is not None and spec.num_classes != task.num_labels:

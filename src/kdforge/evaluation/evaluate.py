@@ -78,13 +78,13 @@ def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
     """Score, ECE, reliability bins and (classification) per-class scores of one form; no latency yet."""
     collate = task.collator(form.tokenizer, train=False)
     per_class = None
-    if task.problem_type == "language_modeling":
+    if task.problem.streamed:
         scores = task.evaluate(form.adapter, data, collate, config.batch_size, "cpu", config.ece_bins,
                                f"eval {form.name}")
     else:
         logits, labels = predict(form.adapter, data, collate, config.batch_size, "cpu", f"eval {form.name}")
         scores = task.scores(logits, labels, config.ece_bins)
-        if task.problem_type == "classification":
+        if task.problem.classes:
             per_class = per_class_report(logits, labels, list(task.label_names))
     return ModelReport(name=form.name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece,
                        params=form.params, size_mb=form.size_mb, latency={}, reliability=scores.reliability,

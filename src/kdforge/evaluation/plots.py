@@ -5,7 +5,7 @@ Each chart is drawn on its own matplotlib ``Figure`` with an Agg canvas (no disp
 state, safe in threads) and returned as PNG bytes, so callers embed or write them as they like.
 
 Reliability diagram: C. Guo, G. Pleiss, Y. Sun, K. Q. Weinberger, "On Calibration of Modern Neural
-Networks", ICML 2017 (bins as in :func:`kdforge.evaluation.calibration.reliability_bins`).
+Networks", ICML 2017 (bins as in :func:`kdforge.problems.calibration.reliability_bins`).
 
 Pareto front (two objectives, latency to minimise and score to maximise or minimise): point i is on the
 front when no other point j *dominates* it, i.e. when there is no j with
@@ -131,7 +131,7 @@ def training_curves_png(histories: Mapping[str, Sequence[Mapping[str, Any]]],
 def data_range(bins: Mapping[str, Any]) -> tuple[float, float]:
     """``(lo, hi)``: the confidence range that holds data, from the lower edge of the lowest non-empty
     bin to the upper edge of the last bin (1.0). ``(lower[0], upper[-1])`` when every bin is empty.
-    ``bins`` is a :func:`~kdforge.evaluation.calibration.reliability_bins` dict."""
+    ``bins`` is a :func:`~kdforge.problems.calibration.reliability_bins` dict."""
     lower, upper, count = bins["lower"], bins["upper"], bins["count"]
     first = next((m for m, c in enumerate(count) if c), 0)
     return float(lower[first]), float(upper[-1])

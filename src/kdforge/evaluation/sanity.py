@@ -1,20 +1,10 @@
 """Is this run sane? A trivial baseline on the reported split, per-class scores and warnings.
 
-* :func:`majority_baseline` scores the model that ignores its input: for classification it always
-  predicts the most frequent class of the *training* labels, with the training class prior
-  ``pi_c = n_c / n`` as its probability row for every example, so its ECE is defined (Guo et al.,
-  2017, see :mod:`kdforge.evaluation.calibration`): every row has confidence ``max_c pi_c`` and is
-  right exactly when its label is the majority class ``a``, so all rows fall in one bin and
-
-      accuracy = mean_i 1[y_i == a],      ECE = |accuracy - max_c pi_c|.
-
-  For regression it predicts the training mean ``mean_i y_i`` for every row. A constant prediction
-  has no correlation with anything (Pearson ``cov(p, y) / (std(p) std(y))`` divides by
-  ``std(p) = 0``), so the baseline's ``pearson``/``spearman`` (and any metric that comes out
-  non-finite) are reported as ``None`` ("undefined"), never NaN and without warnings.
-  (:mod:`kdforge.tasks.metrics` scores a *model's* constant predictions as 0.0 correlation instead,
-  so that best-epoch comparisons work; a caller that wants a correlation floor for a model can
-  compare against 0.0.)
+* :func:`majority_baseline` scores the model that ignores its input, as the task's problem kind
+  defines it (:meth:`kdforge.problems.Problem.baseline`): for classification the most frequent class
+  of the *training* labels with the training class prior as its probability row (so its ECE is
+  defined), for regression the training mean (its correlations reported as ``None``, "undefined");
+  see :mod:`kdforge.problems.kinds`.
 * :func:`per_class_report` gives precision, recall, F1 and support per class (scikit-learn's
   ``classification_report``), the confusion matrix and how often each class is predicted.
 * :func:`sanity_warnings` turns those into one-line warnings: a model no better than the baseline,
@@ -23,68 +13,32 @@
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from kdforge.evaluation.calibration import reliability_bins
+from kdforge.problems.base import finite
 from kdforge.tasks.base import Scores, Task
 from kdforge.tasks.validation import dataset_labels
 
-#: metrics that are correlations, undefined for a constant prediction
-CORRELATION_METRICS = frozenset({"pearson", "spearman"})
-
 
 def majority_baseline(task: Task, train_data: Dataset, eval_data: Dataset, ece_bins: int = 15) -> Scores | None:
-    """The scores of the input-blind baseline on ``eval_data`` (the split the report shows).
-
-    Classification: the majority class of ``train_data``'s labels (the lowest class id on a tie), with
-    the training prior as probabilities: ``metrics`` from ``task.compute_metrics(log(prior) rows)``,
-    ``ece`` and ``reliability`` from :func:`reliability_bins` of the prior rows with ``ece_bins`` bins.
-    Regression: the training mean for every row; correlation metrics are ``None`` (undefined for a
-    constant), ``ece``/``reliability`` are ``None``. Language modelling: ``None`` (not applicable)."""
-    if task.problem_type == "language_modeling":
+    """The scores of the input-blind baseline of the task's problem kind on ``eval_data`` (the split the
+    report shows), fitted to ``train_data``'s labels, calibrated with ``ece_bins`` bins
+    (:meth:`kdforge.problems.Problem.baseline`). Classification: the majority class (the lowest class id
+    on a tie) with the training prior as probabilities. Regression: the training mean for every row;
+    correlation metrics are ``None`` (undefined for a constant), ``ece``/``reliability`` are ``None``.
+    ``None`` for a kind without a baseline (language modelling)."""
+    problem = task.problem
+    if problem.baseline_name is None:
         return None
     train_labels = dataset_labels(train_data)
     eval_labels = dataset_labels(eval_data)
     if train_labels.size == 0 or eval_labels.size == 0:
         raise ValueError("majority_baseline needs at least one training and one evaluation row")
-    n = len(eval_labels)
-    if task.problem_type == "regression":
-        predictions = np.full(n, float(np.mean(train_labels.astype(np.float64))))
-        return Scores(_quiet_metrics(task, predictions, eval_labels))
-
-    classes = task.num_labels
-    counts = np.bincount(train_labels.astype(np.int64), minlength=classes)
-    if len(counts) > classes:
-        raise ValueError(f"training label {len(counts) - 1} is outside the task's {classes} classes")
-    prior = counts / counts.sum()
-    probs = np.tile(prior, (n, 1))
-    with np.errstate(divide="ignore"):  # log(0) = -inf for classes absent from training: never predicted
-        logits = np.log(probs)
-    metrics = _quiet_metrics(task, logits, eval_labels)
-    bins = reliability_bins(probs, eval_labels.astype(np.int64), ece_bins)
-    return Scores(metrics, bins["ece"], bins)
-
-
-def _quiet_metrics(task: Task, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
-    """``task.compute_metrics`` of a constant prediction, warnings silenced; correlations and
-    non-finite values become ``None``."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        metrics = task.compute_metrics(predictions, labels)
-    constant = task.problem_type == "regression"
-    return {name: None if (constant and name in CORRELATION_METRICS) or not _finite(value) else float(value)
-            for name, value in metrics.items()}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float | np.floating | np.integer) and not isinstance(value, bool) \
-        and math.isfinite(float(value))
+    return problem.baseline(task.compute_metrics, train_labels, eval_labels, task.num_labels, ece_bins)
 
 
 def per_class_report(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
@@ -159,10 +113,10 @@ def sanity_warnings(reports: dict[str, dict], baseline_main: float | None, main_
     where = f" on {split}" if split else ""
     for name in [*reports, *(n for n in counts if n not in reports)]:
         value = _main_value(reports[name], main_metric) if name in reports else None
-        if value is not None and not _finite(value):
+        if value is not None and not finite(value):
             lines.append(f"{name}: {main_metric} is {value}, not a number — training diverged or the metric is "
                          "undefined; lower train.lr or check the data")
-        elif value is not None and baseline_main is not None and _finite(baseline_main):
+        elif value is not None and baseline_main is not None and finite(baseline_main):
             worse = value <= baseline_main if greater_is_better else value >= baseline_main
             if worse:
                 lines.append(f"{name}: {main_metric} {value:.4f} is no better than the majority-class baseline "

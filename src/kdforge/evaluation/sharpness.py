@@ -39,12 +39,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
+from kdforge.problems import Problem
 
 LossFn = Callable[[Outputs, dict], torch.Tensor]
 
@@ -142,15 +142,14 @@ def hessian_top_eigenvalue(adapter: nn.Module, batches: list[dict], loss_fn: Los
     return {"eigenvalue": eigenvalue, "iterations": done, "converged": converged, "samples": samples}
 
 
-def task_loss_fn(problem_type: str) -> LossFn:
-    """The training loss of a task as ``loss_fn(outputs, batch)``: cross-entropy (classification) or
-    MSE on ``logits.squeeze(-1)`` (regression), each the batch mean."""
-    if problem_type == "classification":
-        return lambda out, batch: F.cross_entropy(out.logits.float(), batch["labels"])
-    if problem_type == "regression":
-        return lambda out, batch: F.mse_loss(out.logits.squeeze(-1).float(), batch["labels"].float())
-    raise KDForgeError(f"sharpness is not supported for {problem_type.replace('_', ' ')} tasks (only "
-                       "classification and regression); set eval.sharpness: false")
+def task_loss_fn(problem: Problem) -> LossFn:
+    """The training loss of a task as ``loss_fn(outputs, batch)``: its problem kind's loss (the batch
+    mean: cross-entropy for classification, MSE of the single output for regression). Language models
+    are refused."""
+    if problem.causal_lm:
+        raise KDForgeError(f"sharpness is not supported for {problem.name.replace('_', ' ')} tasks (only "
+                           "classification and regression); set eval.sharpness: false")
+    return lambda out, batch: problem.loss(out.logits, batch["labels"])
 
 
 def sample_rows(train_data, samples: int, seed: int = 0) -> list[dict]:
@@ -168,7 +167,7 @@ def model_sharpness(loaded, task, train_data, config) -> dict:
     too, so teacher and student compare); requires_grad flags and modes are restored."""
     from kdforge.models.adapter import ModelAdapter
 
-    loss_fn = task_loss_fn(task.problem_type)  # refuses language modelling before any work
+    loss_fn = task_loss_fn(task.problem)  # refuses language modelling before any work
     if len(train_data) == 0:
         raise KDForgeError("sharpness: the training split is empty")
     rows = sample_rows(train_data, config.sharpness_samples)

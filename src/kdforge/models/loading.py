@@ -20,6 +20,7 @@ from kdforge.models.integrity import check_weight_files
 from kdforge.models.positions import check_max_length
 from kdforge.models.sps import is_sps_compact, load_sps_compact
 from kdforge.models.vision_nets import build_vision_net
+from kdforge.problems import PROBLEMS
 
 log = logging.getLogger("kdforge")
 
@@ -133,7 +134,7 @@ def load_text_model(spec: str, num_labels: int, problem_type: str, label_names: 
                            "(e.g. `--set teacher.finetune.epochs=3`) to train one first")
     fresh_head = not has_head
     config.num_labels = num_labels
-    config.problem_type = "regression" if problem_type == "regression" else "single_label_classification"
+    config.problem_type = PROBLEMS.get(problem_type, "task.problem_type").hf_problem_type
     if label_names:
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
@@ -162,7 +163,7 @@ def load_model(spec: str, task: Any, config_key: str = "teacher.model", trained_
     if spec.startswith("vision:"):
         in_channels = getattr(task, "in_channels", 3)
         return LoadedModel(build_vision_net(spec.removeprefix("vision:"), task.num_labels, in_channels), None, spec)
-    if getattr(task, "problem_type", None) == "language_modeling":
+    if task.problem.causal_lm:
         loaded = load_causal_lm(spec, config_key)
     elif task.modality != "text":
         raise KDForgeError(f"{config_key}: {spec!r} is a text model but task {task.name} has images; "

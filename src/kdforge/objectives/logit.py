@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kdforge.errors import KDForgeError
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Objective, Temperature, TemperatureSetting
 from kdforge.objectives.common import t_squared
+from kdforge.problems.kinds import next_token_targets
 
 
 def _class_logits(logits: torch.Tensor, objective: str) -> torch.Tensor:
@@ -54,8 +55,6 @@ class NextTokenCrossEntropy(Objective):
     uses_teacher = False
 
     def forward(self, student, teacher, batch, progress):
-        from kdforge.tasks.language_model import next_token_targets
-
         logits, targets = next_token_targets(student.logits, batch["labels"])
         return F.cross_entropy(logits.float(), targets)
 

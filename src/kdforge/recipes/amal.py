@@ -88,7 +88,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torch.func import functional_call
@@ -97,6 +96,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.problems import Problem
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.offline import OfflineStep, check_bindings, learner_adapter
@@ -180,14 +180,13 @@ def meta_update(weights: torch.Tensor, grad: torch.Tensor, meta_lr: float, max_w
     return (weights - meta_lr * grad.to(weights.dtype)).clamp(0.0, max_weight)
 
 
-def task_loss(problem_type: str) -> Callable[[Outputs, dict[str, Any]], torch.Tensor]:
-    """The validation loss of the meta step: the task loss, batch mean."""
-    if problem_type == "classification":
-        return lambda out, batch: F.cross_entropy(out.logits.float(), batch["labels"])
-    if problem_type == "regression":
-        return lambda out, batch: F.mse_loss(out.logits.float().reshape(-1), batch["labels"].float().reshape(-1))
-    raise KDForgeError(f"strategy amal needs a classification or regression task (its meta step scores the student "
-                       f"on labelled validation rows), not {problem_type.replace('_', ' ')}; use strategy offline")
+def task_loss(problem: Problem) -> Callable[[Outputs, dict[str, Any]], torch.Tensor]:
+    """The validation loss of the meta step: the task loss of the problem kind, batch mean."""
+    if problem.causal_lm:
+        raise KDForgeError(f"strategy amal needs a classification or regression task (its meta step scores the "
+                           f"student on labelled validation rows), not {problem.name.replace('_', ' ')}; use strategy "
+                           "offline")
+    return lambda out, batch: problem.loss(out.logits, batch["labels"])
 
 
 class ValidationBatches:
@@ -318,7 +317,7 @@ class AMAL(Strategy):
         if PartialState().num_processes > 1:
             raise KDForgeError("strategy amal runs in one process (its look-ahead needs double back-propagation, "
                                "which DDP does not support); launch without accelerate launch / torchrun")
-        val_loss = task_loss(ctx.data.problem_type)
+        val_loss = task_loss(ctx.data.problem)
         loss = ctx.loss()
         s_paths, t_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
         sources = teacher_sources(ctx, loss, t_paths)

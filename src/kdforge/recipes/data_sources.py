@@ -30,7 +30,7 @@ def ptp_data(stage: StageConfig, task: Task, teacher: LoadedModel | None, config
 
 @DATA_SOURCES.register("corpus")
 def corpus_data(stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig, device) -> Task:
-    return CorpusTask(stage.corpus, language_model=task.problem_type == "language_modeling")
+    return CorpusTask(stage.corpus, language_model=task.problem.causal_lm)
 
 
 @DATA_SOURCES.register("fsbbt")

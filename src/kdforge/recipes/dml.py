@@ -57,6 +57,7 @@ from kdforge.objectives.logit import kd_kl_loss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.teacher_sources import LiveTeacher
+from kdforge.tasks.base import task_problem
 
 log = logging.getLogger("kdforge")
 
@@ -69,15 +70,6 @@ def stage_index(config: JobConfig, stage: StageConfig) -> int:
     stages = config.all_stages()
     same = [i for i, s in enumerate(stages) if s is stage] or [i for i, s in enumerate(stages) if s == stage]
     return same[0] if same else 0
-
-
-def task_problem(config: JobConfig) -> str:
-    """classification, regression or language_modeling, from the task's registered class and config."""
-    import kdforge.tasks  # noqa: F401  (fills the task registry)
-    from kdforge.tasks.base import TASKS
-
-    kind = getattr(TASKS.get(config.task.name, "task.name"), "problem_type", "classification")
-    return "regression" if config.task.problem_type == "regression" else kind
 
 
 def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min_peers: int,
@@ -99,10 +91,11 @@ def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min
     if stage.objectives:
         raise KDForgeError(f"{where}: strategy {strategy} defines its own loss and ignores `objectives`; set "
                            f"stages.{i}.objectives: [] (and its weights in stages.{i}.strategy)")
-    problem = task_problem(config)
-    if problem != "classification":
+    problem = task_problem(config.task)
+    if not problem.classes:
         raise KDForgeError(f"{where}: strategy {strategy} learns class distributions, but task {config.task.name} is "
-                           f"a {problem} task; use a classification task or another strategy (stages.{i}.strategy)")
+                           f"a {problem.name} task; use a classification task or another strategy "
+                           f"(stages.{i}.strategy)")
     if stage.data != "task":
         raise KDForgeError(f"{where}: strategy {strategy} trains every model on the task's labels; set "
                            f"stages.{i}.data: task")

@@ -222,7 +222,7 @@ def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, conf
     if not is_black_box(teacher):
         raise KDForgeError(f"stage {stage.name!r}: `data: fsbbt` is labelled by a black-box teacher; make the stage's "
                            "first teacher a `black_box:` one")
-    if task.problem_type != "classification":
+    if not task.problem.classes:
         raise KDForgeError(f"stage {stage.name!r}: FS-BBT distils class probabilities; task {task.name} is "
                            f"{task.problem_type}")
     module: BlackBoxModule = teacher.model

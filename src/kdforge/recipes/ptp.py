@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from kdforge.config import PTPConfig
 from kdforge.engine.predict import predict
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.calibration import softmax
 from kdforge.models.adapter import ModelAdapter
+from kdforge.problems.calibration import softmax
 from kdforge.tasks.base import Task
 from kdforge.tasks.metrics import accuracy
 
@@ -64,7 +64,7 @@ class PTPTask(Task):
     main_metric = "accuracy"
 
     def __init__(self, base: Task, teacher, config: PTPConfig, batch_size: int = 64, device="cpu"):
-        if base.problem_type != "classification":
+        if not base.problem.classes:
             raise KDForgeError(f"PTP needs a classification task; {base.name} is {base.problem_type}")
         super().__init__(base.config)
         self.base, self.modality, self.eval_split = base, base.modality, base.eval_split

@@ -261,7 +261,7 @@ class SOKD(Strategy):
 
     def build(self, ctx: StageContext) -> SOKDStep:
         (role, teacher), = ctx.teachers.items()
-        if ctx.data.problem_type != "classification":
+        if not ctx.data.problem.classes:
             raise KDForgeError(f"stage {ctx.stage.name!r}: strategy sokd needs a classification task (got "
                                f"{ctx.data.problem_type})")
         bridge = knowledge_bridge(teacher.model)

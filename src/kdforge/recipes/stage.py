@@ -67,7 +67,7 @@ def run_stage(config: JobConfig, index: int, task: Task, models: dict[str, Loade
                                                                 accelerator.device)
     learner = models[stage.learner]
     labelled = not isinstance(data, CorpusTask)
-    if labelled and data.problem_type != "language_modeling" and (
+    if labelled and not data.problem.causal_lm and (
             stage.head == "reinit" or head_size(learner.model) != data.num_labels):
         log.info("stage %s: fresh %d-output head", stage.name, data.num_labels)
         replace_head(learner.model, data.num_labels, data.label_names or None)

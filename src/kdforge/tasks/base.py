@@ -6,7 +6,9 @@ A task yields raw examples as dicts:
 and a collator turns a list of examples into a batch dict of tensors:
   * text:  tokenizer outputs (``input_ids``, ``attention_mask``, ...) + ``labels``
   * image: ``pixel_values`` (float, N x C x H x W, normalised) + ``labels``
-Labels are ``long`` for classification and ``float`` for regression.
+Labels have the dtype of the task's problem kind (``long`` for classification, ``float`` for
+regression): ``Task.problem_type`` names the kind, ``task.problem`` is its
+:class:`kdforge.problems.Problem`, which everything that depends on the kind asks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset, Subset
 
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
+from kdforge.problems import PROBLEMS, Problem, Scores
 from kdforge.registry import Registry
 from kdforge.tasks.validation import SPLIT as VALIDATION
 from kdforge.tasks.validation import carve_indices, dataset_labels, validation_file
@@ -43,21 +45,12 @@ class ListDataset(Dataset):
         return self.examples[i]
 
 
-@dataclass
-class Scores:
-    """A model's scores on an evaluation split: official metrics, expected calibration error and
-    the reliability-diagram bins (both None for regression)."""
-
-    metrics: dict[str, float]
-    ece: float | None = None
-    reliability: dict | None = None
-
-
 class Task(ABC):
     """One dataset with its label space and official metrics."""
 
     modality: Literal["text", "image"] = "text"
-    problem_type: Literal["classification", "regression", "language_modeling"] = "classification"
+    problem_type: str = "classification"
+    """The registered name of the task's problem kind (:data:`kdforge.problems.PROBLEMS`)."""
     main_metric: str = "accuracy"
     greater_is_better: bool = True  # of main_metric
     eval_split: str = "dev"
@@ -83,8 +76,18 @@ class Task(ABC):
         return self.config.name
 
     @property
+    def problem(self) -> Problem:
+        """The task's problem kind: its loss, metric inputs, calibration, baseline (:mod:`kdforge.problems`)."""
+        return PROBLEMS.get(self.problem_type, "task.problem_type")()
+
+    @classmethod
+    def problem_of(cls, config: TaskConfig) -> Problem:
+        """The problem kind of the task this class builds from ``config``, known before building it (preflight)."""
+        return PROBLEMS.get(cls.problem_type, "task.problem_type")()
+
+    @property
     def num_labels(self) -> int:
-        return 1 if self.problem_type == "regression" else len(self.label_names)
+        return self.problem.num_outputs(self.label_names)
 
     @abstractmethod
     def load_split(self, split: str) -> Dataset:
@@ -107,14 +110,11 @@ class Task(ABC):
         return self.scores(*predict(adapter, data, collate_fn, batch_size, device, desc), ece_bins)
 
     def scores(self, logits: np.ndarray, labels: np.ndarray, ece_bins: int = 15) -> Scores:
-        """:meth:`compute_metrics` of a split's logits, and the ECE and reliability bins of their softmax."""
-        from kdforge.evaluation.calibration import reliability_bins, softmax
-
+        """:meth:`compute_metrics` of a split's logits, and the ECE and reliability bins of the problem's
+        calibration (of their softmax, for classification; none for regression)."""
         metrics = self.compute_metrics(logits, labels)
-        if self.problem_type == "regression":
-            return Scores(metrics)
-        bins = reliability_bins(softmax(logits.astype(np.float64)), labels, ece_bins)
-        return Scores(metrics, bins["ece"], bins)
+        bins = self.problem.calibration(logits, labels, ece_bins)
+        return Scores(metrics) if bins is None else Scores(metrics, bins["ece"], bins)
 
     @property
     def selection_split(self) -> str:
@@ -167,7 +167,7 @@ class Task(ABC):
         """The sampled training rows split into (train, validation) by ``task.validation`` (a fraction)."""
         if self._carved is None:
             data = self._sampled("train")
-            labels = dataset_labels(data) if self.problem_type == "classification" else None
+            labels = dataset_labels(data) if self.problem.classes else None
             train, validation = carve_indices(len(data), float(self.config.validation), self.config.sample_seed,
                                               labels)
             self._carved = Subset(data, train.tolist()), Subset(data, validation.tolist())
@@ -196,10 +196,15 @@ class Task(ABC):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-TASKS: Registry[Callable[[TaskConfig], Task]] = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 def build_task(config: TaskConfig) -> Task:
     """The task ``config.name`` names. The registry is filled by the task modules, which the package
     ``kdforge.tasks`` imports (so it is full whenever this module has been imported)."""
     return TASKS.get(config.name, "task.name")(config)
+
+
+def task_problem(config: TaskConfig) -> Problem:
+    """The problem kind of the task ``config`` names, without building the task (no data is read)."""
+    return TASKS.get(config.name, "task.name").problem_of(config)

@@ -43,7 +43,7 @@ class CorpusTask(Task):
     def collator(self, tokenizer: Any = None, train: bool = False):
         if self.language_model:
             return LMCollator(tokenizer, self.config.max_length)
-        return TextCollator(tokenizer, self.config.max_length, regression=False)
+        return TextCollator(tokenizer, self.config.max_length)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.corpus.model_dump_json().encode()).hexdigest()[:16]

@@ -57,9 +57,9 @@ class GlueTask(TextTask):
 
     def target(self, value: str, where: str) -> int | float:
         fix = f"fix the row or point `task.data_dir` at the GLUE {self.folder} folder"
-        if self.problem_type == "regression":
-            return score(value, where, fix)
-        return label_id(value, self._label_ids, where, fix)
+        if self.problem.classes:
+            return label_id(value, self._label_ids, where, fix)
+        return score(value, where, fix)
 
 
 @TASKS.register("glue/sst2")

@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
+from kdforge.problems.calibration import reliability_from_confidence
+from kdforge.problems.kinds import IGNORE, next_token_targets
 from kdforge.tasks.base import TASKS, ListDataset, Scores, Task
 from kdforge.tasks.passages import corpus_texts
-
-IGNORE = -100  # label of positions that predict nothing (padding)
 
 
 class LMCollator:
@@ -53,18 +53,6 @@ class LMCollator:
         out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, IGNORE)
         return out
-
-
-def next_token_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (M, V) logits that predict a token and their (M,) targets: position j against label j + 1,
-    positions whose target is -100 dropped."""
-    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
-        raise KDForgeError(f"next-token prediction needs logits (batch, length, vocab) and labels (batch, length), "
-                           f"got {tuple(logits.shape)} and {tuple(labels.shape)}; use a causal LM with task `lm`")
-    rows = logits[:, :-1].reshape(-1, logits.shape[-1])
-    targets = labels[:, 1:].reshape(-1).to(logits.device)
-    keep = targets != IGNORE
-    return rows[keep], targets[keep]
 
 
 @TASKS.register("lm")
@@ -119,7 +107,6 @@ class LanguageModelTask(Task):
     def evaluate(self, adapter: torch.nn.Module, data: Dataset, collate_fn: Callable, batch_size: int,
                  device: torch.device | str = "cpu", ece_bins: int = 15, desc: str = "eval") -> Scores:
         from kdforge.engine.predict import iterate_outputs
-        from kdforge.evaluation.calibration import reliability_from_confidence
 
         nll, confidence, correct = 0.0, [], []
         for out, batch in iterate_outputs(adapter, data, collate_fn, batch_size, device, desc):

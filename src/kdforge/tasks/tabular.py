@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
+from kdforge.problems import PROBLEMS, Problem
 from kdforge.tasks.base import TASKS
 from kdforge.tasks.text_base import (
     Example,
@@ -41,15 +42,20 @@ class FileTask(TextTask):
 
     file_kind: ClassVar[str]
 
+    @classmethod
+    def problem_of(cls, config: TaskConfig) -> Problem:
+        return PROBLEMS.get(config.problem_type, "task.problem_type")()
+
     def __init__(self, config: TaskConfig):
         super().__init__(config)
         if not 1 <= len(config.text_columns) <= 2:
             raise KDForgeError(f"`task.text_columns` must name 1 or 2 columns, got {config.text_columns}")
         self.problem_type = config.problem_type
-        if self.problem_type == "regression":
-            self.main_metric, self.metric_names = "pearson", ("pearson", "spearman")
+        problem = self.problem
+        self.metric_names = problem.metrics
+        self.main_metric = problem.metrics[0]
         self._records: dict[str, tuple[Path, list[Record]]] = {}
-        if self.problem_type == "classification":
+        if problem.classes:
             self.label_names = self._label_space()
         self._label_ids = {name: i for i, name in enumerate(self.label_names)}
 
@@ -112,11 +118,11 @@ class FileTask(TextTask):
         where = f"line {line} of {path}"
         texts = [self.text(fields, column, where) for column in self.config.text_columns]
         raw = self.field(fields, self.config.label_column, where, "task.label_column")
-        if self.problem_type == "regression":
-            label: int | float = score(raw, where, "fix the row, or set `task.problem_type: classification` "
-                                       "if the labels are classes")
+        if self.problem.classes:
+            label: int | float = label_id(raw, self._label_ids, where, "add it to `task.label_names` or fix the row")
         else:
-            label = label_id(raw, self._label_ids, where, "add it to `task.label_names` or fix the row")
+            label = score(raw, where, "fix the row, or set `task.problem_type: classification` "
+                          "if the labels are classes")
         return {"text_a": texts[0], "text_b": texts[1] if len(texts) == 2 else None, "label": label}
 
     def read_split(self, split: str) -> list[Example]:

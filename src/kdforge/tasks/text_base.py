@@ -160,10 +160,10 @@ class TextCollator:
 
     A class rather than a closure so DataLoader workers can pickle it."""
 
-    def __init__(self, tokenizer: Any, max_length: int, regression: bool):
+    def __init__(self, tokenizer: Any, max_length: int, label_dtype: torch.dtype = torch.long):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.label_dtype = torch.float if regression else torch.long
+        self.label_dtype = label_dtype
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         text_a = [example["text_a"] for example in batch]
@@ -209,21 +209,17 @@ class TextTask(Task):
         raise KDForgeError(f"task {self.name} cannot read a validation file; give `task.validation` as a fraction")
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Logits (N, C) are reduced by argmax (1-D classification predictions are taken as class
-        ids); regression predictions may be (N,) or (N, 1)."""
-        predictions = np.asarray(predictions)
-        if self.problem_type == "regression" and predictions.ndim == 2 and predictions.shape[1] == 1:
-            predictions = predictions[:, 0]
-        elif self.problem_type == "classification" and predictions.ndim == 2:
-            predictions = predictions.argmax(axis=-1)
-        if predictions.ndim != 1:
-            raise ValueError(f"{self.name}: predictions of shape {predictions.shape} do not fit a "
-                             f"{self.problem_type} task")
-        labels = np.asarray(labels).reshape(-1)
+        """The metrics of ``metric_names`` on the problem's metric inputs (for classification, logits (N, C)
+        are reduced by argmax and 1-D predictions taken as class ids; regression predictions may be (N,)
+        or (N, 1))."""
+        try:
+            predictions, labels = self.problem.metric_inputs(predictions, labels)
+        except ValueError as err:
+            raise ValueError(f"{self.name}: {err}") from None
         return {name: METRICS[name](predictions, labels) for name in self.metric_names}
 
     def collator(self, tokenizer: Any = None, train: bool = False) -> Callable[[list[dict]], dict]:
         if tokenizer is None:
             raise KDForgeError(f"text task {self.name} needs a tokenizer; "
                                "use a text model for `teacher.model`")
-        return TextCollator(tokenizer, self.config.max_length, self.problem_type == "regression")
+        return TextCollator(tokenizer, self.config.max_length, self.problem.label_dtype)

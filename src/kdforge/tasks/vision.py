@@ -164,9 +164,8 @@ class ImageClassificationTask(Task):
         """Decode (or read from the cache) all images of ``split``."""
 
     def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        predictions = np.asarray(predictions)
-        class_ids = predictions.argmax(-1) if predictions.ndim == 2 else predictions
-        return {"accuracy": accuracy(class_ids, np.asarray(labels))}
+        class_ids, labels = self.problem.metric_inputs(predictions, labels)
+        return {"accuracy": accuracy(class_ids, labels)}
 
     def collator(self, tokenizer: Any = None, train: bool = False) -> ImageCollator:
         return ImageCollator(self.mean, self.std, augment=train, hflip=self.hflip)
