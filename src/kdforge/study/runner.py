@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import TrialState
 
@@ -106,7 +108,9 @@ def heartbeat(storage: RDBStorage, trial_id: int, every_s: float) -> Iterator[No
 
 def claim(study: optuna.Study, run: RunSpec) -> optuna.Trial | None:
     """A trial running ``run`` for this worker, or None when another worker claimed it first."""
-    trial = study.ask()
+    with warnings.catch_warnings():  # heartbeats outside Study.optimize: this module sends them itself
+        warnings.simplefilter("ignore", UserWarning)
+        trial = study.ask()
     trial.set_user_attr("run", run.key)
     trial.set_user_attr("config_hash", run.config_hash)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -167,7 +171,9 @@ def run_worker(study_cfg: StudyConfig, study: optuna.Study, runs: list[RunSpec])
     tasks: dict[str, Any] = {}
     started = time.time()
     while True:
-        fail_stale_trials(study)
+        with warnings.catch_warnings():  # "experimental" since Optuna 2.9: used as documented
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fail_stale_trials(study)
         done, busy = finished(study, runs), running(study)
         todo = [r for r in runs if r.key not in done and r.key not in busy and r.key not in tried]
         if not todo:
