@@ -100,7 +100,12 @@ def test_two_generations_on_digits_end_to_end(tmp_path, one_thread):
     # every model has its sharpness in the report (the top Hessian eigenvalue: positive near a minimum)
     for report in (metrics["teacher"], metrics["student"], metrics["other_roles"]["gen1"]):
         assert isinstance(report["sharpness"], float)
-    assert "sharpness" in (run / "report.md").read_text()
+        assert 1 <= report["sharpness_iterations"] <= 5 and isinstance(report["sharpness_converged"], bool)
+        assert report["sharpness_converged"] or report["sharpness_iterations"] == 5  # stops only when converged
+    page = (run / "report.md").read_text()
+    assert f"student: {metrics['student']['sharpness_iterations']} iterations" in page
+    unsettled = [r for r in (metrics["teacher"], metrics["student"]) if not r["sharpness_converged"]]
+    assert ("did not converge" in page) == bool(unsettled or not metrics["other_roles"]["gen1"]["sharpness_converged"])
     # generation 1 is exported beside the student, and `kdforge eval` scores it from there
     assert (run / "models/gen1/model.safetensors").is_file()
     again = json.loads((jobs.run_eval(run).run_dir / "metrics.json").read_text())

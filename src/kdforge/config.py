@@ -237,7 +237,10 @@ class EvalConfig(Strict):
                             "training-loss Hessian (kdforge.evaluation.sharpness); costs ~3 backward passes per "
                             "iteration and sample")
     sharpness_samples: PositiveInt = Field(256, description="fixed training rows the sharpness is measured on")
-    sharpness_iterations: PositiveInt = Field(20, description="power-iteration steps of the sharpness estimate")
+    sharpness_iterations: PositiveInt = Field(100, description="the most power-iteration steps of the sharpness "
+                                              "estimate (it stops earlier once converged: sharpness_tol)")
+    sharpness_tol: PositiveFloat = Field(1e-3, description="the sharpness estimate has converged when it changes "
+                                         "by less than this fraction of itself between two iterations")
 
 
 class ExportConfig(Strict):

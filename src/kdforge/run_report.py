@@ -121,9 +121,13 @@ def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task
         if is_black_box(models[role]):
             log.info("sharpness of the %s: not measured (a black box has no visible loss surface)", name)
             continue
-        log.info("sharpness of the %s: %d power iterations on %d training rows", name,
-                 config.eval.sharpness_iterations, min(config.eval.sharpness_samples, len(train)))
-        reports[name].sharpness = model_sharpness(models[role], task, train, config.eval)["eigenvalue"]
+        result = model_sharpness(models[role], task, train, config.eval)
+        report = reports[name]
+        report.sharpness, report.sharpness_iterations = result["eigenvalue"], result["iterations"]
+        report.sharpness_converged = result["converged"]
+        log.info("sharpness of the %s: %.4g after %d power iterations on %d training rows (%s, tol %g)", name,
+                 result["eigenvalue"], result["iterations"], result["samples"],
+                 "converged" if result["converged"] else "NOT converged", config.eval.sharpness_tol)
 
 
 def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:

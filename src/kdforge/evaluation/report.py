@@ -34,7 +34,9 @@ class ModelReport:
     latency:     the dict returned by ``measure_latency`` (or one model's entry of ``interleaved_latency``);
                  reliability: the dict returned by ``reliability_bins``, or ``None``.
     per_class:   ``kdforge.evaluation.sanity.per_class_report`` (classification), or ``None``.
-    sharpness:   the top eigenvalue of the training-loss Hessian (``kdforge.evaluation.sharpness``), or ``None``.
+    sharpness:   the top eigenvalue of the training-loss Hessian (``kdforge.evaluation.sharpness``), or ``None``;
+                 sharpness_iterations: the power iterations run; sharpness_converged: whether the estimate
+                 met ``eval.sharpness_tol`` within ``eval.sharpness_iterations``.
     """
 
     name: str
@@ -47,6 +49,8 @@ class ModelReport:
     reliability: dict[str, Any] | None = None
     per_class: dict[str, Any] | None = None
     sharpness: float | None = None
+    sharpness_iterations: int | None = None
+    sharpness_converged: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A deep, JSON-serialisable copy of all fields."""

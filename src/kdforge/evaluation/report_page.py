@@ -146,9 +146,18 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
     if len(findings.forms) > 2 or findings.latency:
         blocks += [("h2", "Every model and form (measured interleaved in one process)"),
                    ("table", forms_table(findings.forms, findings.latency, teacher))]
-        if any(r.sharpness is not None for r in findings.forms.values()):
+        measured = {n: r for n, r in findings.forms.items() if r.sharpness is not None}
+        if measured:
+            runs = "; ".join(f"{n}: {r.sharpness_iterations} iterations" for n, r in measured.items()
+                             if r.sharpness_iterations is not None)
             blocks.append(("p", "sharpness: the largest eigenvalue of the training-loss Hessian on a fixed sample "
-                                "of training rows (power iteration on Hessian-vector products); lower is flatter."))
+                                "of training rows (power iteration on Hessian-vector products, stopped when the "
+                                "estimate changes by less than eval.sharpness_tol of itself); lower is flatter."
+                                + (f" {runs}." if runs else "")))
+            unsettled = [n for n, r in measured.items() if r.sharpness_converged is False]
+            if unsettled:
+                blocks.append(("warning", f"the sharpness of {', '.join(unsettled)} did not converge within "
+                                          "eval.sharpness_iterations: read it as a lower bound and raise the limit"))
         if findings.latency:
             blocks.append(("p", "Speedup = teacher median / form median; the interval is a 95% bootstrap over "
                                 "measurement rounds (each round times every form once, in rotating order, so a "

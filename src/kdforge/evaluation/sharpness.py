@@ -162,7 +162,8 @@ def model_sharpness(loaded, task, train_data, config) -> dict:
     """Sharpness of ``loaded`` (a :class:`kdforge.models.loading.LoadedModel`) on ``task``: the Hessian
     top eigenvalue of its task loss over ``config.sharpness_samples`` fixed training rows (the first of
     a permutation seeded 0 of ``train_data``), collated without augmentation in batches of
-    ``config.batch_size``, with ``config.sharpness_iterations`` power-iteration steps (``config``: an
+    ``config.batch_size``, with at most ``config.sharpness_iterations`` power-iteration steps, stopped once
+    the estimate changes by less than ``config.sharpness_tol`` of itself (``config``: an
     :class:`kdforge.config.EvalConfig`). Measured w.r.t. ALL the model's parameters (a frozen teacher's
     too, so teacher and student compare); requires_grad flags and modes are restored."""
     from kdforge.models.adapter import ModelAdapter
@@ -180,6 +181,7 @@ def model_sharpness(loaded, task, train_data, config) -> dict:
     with measurement_mode(loaded.model, all_parameters=True):
         adapter = ModelAdapter(loaded.model)
         try:
-            return hessian_top_eigenvalue(adapter, batches, loss_fn, iterations=config.sharpness_iterations)
+            return hessian_top_eigenvalue(adapter, batches, loss_fn, iterations=config.sharpness_iterations,
+                                          tol=config.sharpness_tol)
         finally:
             adapter.remove_hooks()

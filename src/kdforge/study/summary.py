@@ -19,7 +19,7 @@ def values(report: dict[str, Any] | None) -> dict[str, float | None]:
         return {}
     out: dict[str, float | None] = dict(report.get("metrics") or {})
     out.update(ece=report.get("ece"), sharpness=report.get("sharpness"), params=report.get("params"),
-               size_mb=report.get("size_mb"))
+               size_mb=report.get("size_mb"), sharpness_converged=report.get("sharpness_converged"))
     for size, entry in ((report.get("latency") or {}).get("batch_sizes") or {}).items():
         out[f"latency_b{size}_ms"] = entry.get("median_ms")
     return out
