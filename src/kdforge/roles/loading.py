@@ -4,14 +4,14 @@ eval, export, bench-latency, serve and the report's re-evaluation)."""
 
 from __future__ import annotations
 
-from kdforge.blackbox.teacher import BlackBoxes, black_box_teacher
+from kdforge.blackbox.teacher import BlackBoxes
 from kdforge.config import STUDENT, JobConfig
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student
 from kdforge.recipes.catalog import strategy_for
-from kdforge.roles.base import capabilities, primary_teacher, teacher_key
+from kdforge.roles.base import capabilities, primary_teacher
 from kdforge.roles.teachers import load_teacher
 from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import Task
@@ -80,11 +80,10 @@ def load_run_model(config: JobConfig, run: RunFolder, task: Task, role: str,
     teachers = config.teacher_configs()
     if role not in teachers:
         raise KDForgeError(f"run {run.root} has no role {role!r}; its roles: {', '.join(run_roles(config))}")
-    spec = teachers[role]
-    if spec.black_box is not None:
-        return black_box_teacher(spec.black_box, task, f"{teacher_key(role)}.black_box", black_boxes, tokenizer)
+    if teachers[role].black_box is not None:
+        return load_teacher(config, task, role=role, black_boxes=black_boxes, tokenizer=tokenizer)
     folder = run.teacher(role).model
-    return load_model(str(folder) if folder.is_dir() else spec.model, task)
+    return load_model(str(folder) if folder.is_dir() else teachers[role].model, task)
 
 
 def load_run_models(config: JobConfig, run: RunFolder, task: Task,
