@@ -50,6 +50,7 @@ from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.loading import load_model
 from kdforge.models.student import student_from_layers
+from kdforge.roles.teachers import load_teacher
 from kdforge.serve import model_predictor, serve, server_url
 from kdforge.tasks.base import build_task
 
@@ -84,7 +85,7 @@ EVAL = {"latency_batch_sizes": [1], "latency_repeats": 3, "latency_warmup": 1}
 
 def cifar_teacher() -> Path:
     config = validate_config(CIFAR_TEACHER)
-    jobs.get_teacher(config, build_task(config.task))
+    load_teacher(config, build_task(config.task))
     return OUT / "teacher-resnet20" / "teacher" / "model"
 
 

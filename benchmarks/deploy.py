@@ -36,6 +36,7 @@ from kdforge import jobs
 from kdforge.cli import demo_config_path
 from kdforge.config import load_config, validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
+from kdforge.roles.teachers import load_teacher
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -51,7 +52,7 @@ FORMS = ("teacher", "teacher onnx fp32", "student", "student onnx fp32", "studen
 def teacher_folder() -> Path:
     """The demo's fine-tuned teacher (fine-tuned now unless a matching one is in TEACHER_RUN)."""
     config = load_config(demo_config_path(), [f"output_dir={TEACHER_RUN}"])
-    jobs.get_teacher(config, build_task(config.task))
+    load_teacher(config, build_task(config.task))
     return TEACHER_RUN / "teacher" / "model"
 
 

@@ -36,6 +36,7 @@ from kdforge.models.outputs import Outputs
 from kdforge.models.student import build_student
 from kdforge.models.vocab import StudentIdsCollator, restrict_teacher_logits
 from kdforge.objectives.word_kd import word_kd_loss
+from kdforge.roles.loading import training_texts
 from kdforge.tasks.base import build_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def run(args, results: dict) -> dict:
     # the distilled student again, rebuilt with its vocabulary map, with its trained weights
     task = build_task(config.task)
     teacher = load_model(config.teacher.model, task)
-    texts = jobs.training_texts(config, task)
+    texts = training_texts(config, task)
     student = build_student(config.student, teacher, task, texts)
     trained = Path(jobs_to_run(config)[GLMD_TOP_K].output_dir) / "student" / "model.safetensors"
     student.model.load_state_dict(load_file(trained), strict=False)

@@ -18,7 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-from kdforge import jobs
 from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.config import JobConfig, validate_config
 from kdforge.engine.predict import predict
@@ -30,6 +29,7 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import train_model
 from kdforge.recipes.teacher_sources import CachedTeacher
+from kdforge.roles.teachers import load_teacher
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -135,7 +135,7 @@ def main() -> None:
     out = Path(args.out)
     for task_key in [] if args.report_only else args.tasks:
         base = job_config(task_key, METHODS["KD"], 0, out, teacher=True)
-        teacher = jobs.get_teacher(base, build_task(base.task))
+        teacher = load_teacher(base, build_task(base.task))
         task = build_task(job_config(task_key, METHODS["KD"], 0, out).task)
         teacher.model.eval()
         dev = task.split(task.eval_split)

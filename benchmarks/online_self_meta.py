@@ -49,6 +49,7 @@ from kdforge import jobs
 from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.recipes.born_again import born_again_tree
+from kdforge.roles.teachers import load_teacher
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,7 +79,7 @@ def pretrained(name: str) -> str:
                             "finetune": {"epochs": 2, "lr": 1e-4, "batch_size": 32, "seed": 0}}}
     out = TEACHERS / f"{name}-s0"
     config = validate_config({**tree, "output_dir": str(out)})
-    jobs.get_teacher(config, build_task(config.task))
+    load_teacher(config, build_task(config.task))
     return str(out / "teacher" / "model")
 
 

@@ -46,6 +46,7 @@ from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.loading import load_model
 from kdforge.models.student import build_student
 from kdforge.recipes.stage import run_stages
+from kdforge.roles.teachers import load_teacher
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import best_so_far, final_validation
 from kdforge.search.run import run_search, search_config
@@ -76,7 +77,7 @@ def base_tree() -> dict:
 def teacher_folder() -> Path:
     tree = {**base_tree(), "output_dir": str(OUT / "teacher")}
     config = validate_config(tree)
-    jobs.get_teacher(config, build_task(config.task))
+    load_teacher(config, build_task(config.task))
     return OUT / "teacher" / "teacher" / "model"
 
 

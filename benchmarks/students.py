@@ -25,7 +25,6 @@ from pathlib import Path
 
 import objectives  # benchmarks/objectives.py: the fine-tuned teachers
 
-from kdforge import jobs
 from kdforge.config import PRIMARY_TEACHER, STUDENT, validate_config
 from kdforge.engine.trainer import seed_everything
 from kdforge.evaluation.size import count_parameters
@@ -33,6 +32,7 @@ from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.student import build_student
 from kdforge.recipes.stage import run_stage
+from kdforge.roles.teachers import load_teacher
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"
@@ -71,7 +71,7 @@ def fine_tuned_teacher(task_key: str):
     """The task's teacher of benchmarks/objectives.py (fine-tuned now unless its folder holds it
     already): its folder and the loaded model."""
     config = objectives.job_config(task_key, [], 0, Path("runs/bench-objectives"), teacher=True)
-    teacher = jobs.get_teacher(config, build_task(config.task))
+    teacher = load_teacher(config, build_task(config.task))
     return str(Path(config.output_dir) / "teacher" / "model"), teacher
 
 

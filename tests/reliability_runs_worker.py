@@ -15,7 +15,7 @@ from kdforge.cli import setup_logging
 from kdforge.config import TrainConfig
 from kdforge.engine.step import TrainStep
 from kdforge.engine.trainer import Trainer
-from kdforge.run_folder import log_file
+from kdforge.run_folder import RunFolder
 
 
 class Regression(TrainStep):
@@ -52,7 +52,7 @@ def main(out: str) -> None:
             return {"mse": float(((learner(shard["x"]).squeeze(-1) - shard["y"]) ** 2).mean())}
 
     config = TrainConfig(epochs=3, batch_size=4, lr=0.02, seed=0, device="cpu", select_best=True, log_every=100)
-    with log_file(out_dir):
+    with RunFolder(out_dir).keep_log():
         trainer = Trainer(Regression(), rows(), collate, config, out_dir, evaluate=evaluate, main_metric="mse",
                           greater_is_better=False)
         state = trainer.fit()

@@ -24,6 +24,7 @@ from kdforge.config import BlackBoxConfig, TaskConfig, validate_config
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import load_model
+from kdforge.roles.teachers import load_teacher
 from kdforge.serve import model_predictor, serve, server_url
 from kdforge.tasks.base import build_task
 from tests.helpers import Killed, kill_at, tiny_bert
@@ -288,7 +289,7 @@ def test_fsbbt_on_text_labels_tinybert_variants_and_trains_on_soft_labels(tmp_pa
                        "fsbbt": {"augment": {"copies": 2, "p": 0.5}}}]
     config = validate_config(tree)
     task = build_task(config.task)
-    teacher = jobs.get_teacher(config, task)
+    teacher = load_teacher(config, task)
     assert teacher.tokenizer.get_vocab() == load_model(str(student_dir), task).tokenizer.get_vocab()
     data = fsbbt_task(config.stages[0], task, teacher, config, "cpu")
     assert data.counts == {"originals": 48, "augmented": 96, "cvae": 0}

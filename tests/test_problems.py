@@ -220,6 +220,7 @@ def test_the_new_kind_through_a_task_and_the_evaluation(tags_task_name, sentimen
 def test_the_new_kind_runs_a_distillation_job(tmp_path, job_tree, tags_task_name, tiny_teacher_dir):
     from kdforge import jobs
     from kdforge.config import validate_config
+    from kdforge.roles.teachers import task_loss_config
 
     tree = {**job_tree, "task": {**job_tree["task"], "name": tags_task_name},
             "teacher": {"model": str(tiny_teacher_dir)}, "objectives": [{"name": "logit_mse"}],
@@ -230,4 +231,4 @@ def test_the_new_kind_runs_a_distillation_job(tmp_path, job_tree, tags_task_name
     assert saved["student"]["ece"] is not None and saved["student"].get("per_class") is None
     assert (result.run_dir / "report.html").is_file()
     with pytest.raises(KDForgeError, match="names no objective"):
-        jobs.task_loss_config(build_task(validate_config(tree).task))
+        task_loss_config(build_task(validate_config(tree).task))

@@ -38,7 +38,7 @@ def stored(folder: Path) -> optuna.Study:
 
 
 def finetunings(folder: Path) -> list[Path]:
-    return sorted(folder.glob("teachers/*/teacher/finetune.json"))
+    return sorted(folder.glob("teachers/*/finetune.json"))
 
 
 def test_study_end_to_end(study_tree, one_thread):

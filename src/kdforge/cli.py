@@ -165,8 +165,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.target, args.overrides)
         if args.command == "finetune":
+            from kdforge.config import PRIMARY_TEACHER
+            from kdforge.run_folder import RunFolder
+
             jobs.run_finetune(config, resume=args.resume)
-            print(f"fine-tuned teacher written to {config.output_dir}/teacher/model")
+            print(f"fine-tuned teacher written to {RunFolder.of(config).teacher(PRIMARY_TEACHER).model}")
             return 0
         result = jobs.run_distill(config, resume=args.resume, overwrite=args.overwrite)
     if result is not None:

@@ -20,6 +20,7 @@ from kdforge.config import JobConfig, StudentConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.integrity import check_weight_files
 from kdforge.paths import cache_dir, check_writable_folder
+from kdforge.roles.base import teacher_capabilities, teacher_key
 
 #: the task names whose data kdforge decodes into its cache folder
 _CACHED_DATA_TASKS = ("cifar10", "image_folder")
@@ -163,9 +164,9 @@ def check_models(config: JobConfig, command: str) -> None:
     teachers = config.teacher_configs()
     first_config = None
     for role, teacher in teachers.items():
-        key = "teacher.model" if role == "teacher" else f"teachers.{role}.model"
-        if teacher.black_box is not None:
-            continue  # check_black_boxes
+        key = f"{teacher_key(role)}.model"
+        if not teacher_capabilities(teacher).weights:
+            continue  # no model files: check_black_boxes
         if not _is_hf_spec(teacher.model):
             check_weight_files(teacher.model)
             continue
@@ -233,7 +234,7 @@ def check_black_boxes(config: JobConfig, command: str, black_boxes=None) -> None
     from kdforge.tasks.base import task_problem
 
     teachers = config.teacher_configs()
-    black = {role: t.black_box for role, t in teachers.items() if t.black_box is not None}
+    black = {role: t.black_box for role, t in teachers.items() if teacher_capabilities(t).queried}
     if not black or command != "distill":
         return
     problem = task_problem(config.task)
@@ -251,7 +252,7 @@ def check_black_boxes(config: JobConfig, command: str, black_boxes=None) -> None
                 raise KDForgeError(f"{prefix}.vocab_fraction compresses the vocabulary with the teacher's "
                                    "embeddings, which a black-box teacher does not show; remove it")
     for role, spec in black.items():
-        key = ("teacher" if role == "teacher" else f"teachers.{role}") + ".black_box"
+        key = f"{teacher_key(role)}.black_box"
         check_writable_folder(cache_folder(spec), f"{key}.cache_dir" if spec.cache_dir else "KDFORGE_CACHE")
         if spec.url is not None:
             HttpTeacher(spec.url, 1, timeout_s=spec.timeout_s, retries=spec.retries,

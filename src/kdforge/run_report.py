@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kdforge.blackbox.teacher import is_black_box, stats_line
+from kdforge.blackbox.teacher import stats_line
 from kdforge.config import STUDENT, JobConfig, dump_config
 from kdforge.evaluation.evaluate import Form, onnx_form, pytorch_form, score_form, time_forms
 from kdforge.evaluation.latency import describe_latency_noise
@@ -27,35 +27,24 @@ from kdforge.evaluation.report_page import Findings, write_report
 from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
 from kdforge.io import atomic_write_json, read_json
 from kdforge.models.loading import LoadedModel
+from kdforge.roles.base import capabilities, primary_teacher
+from kdforge.run_folder import Results, RunFolder
 from kdforge.tasks.base import Task
 
 log = logging.getLogger("kdforge")
 
-EXPORTS = "exports"
 
-
-def export_paths(run_dir: Path) -> dict[str, Path]:
-    """The ONNX files of a run by form name."""
-    folder = Path(run_dir) / EXPORTS
-    return {"teacher onnx fp32": folder / "teacher.onnx", "student onnx fp32": folder / "student.onnx",
-            "student onnx int8": folder / "student.int8.onnx"}
-
-
-def existing_exports(run_dir: Path) -> dict[str, Path]:
-    """The ONNX files of a finished run that are on disk, by form name."""
-    return {name: path for name, path in export_paths(run_dir).items() if path.is_file()}
-
-
-def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run_dir: Path) -> dict[str, Path]:
-    """The ONNX (and int8) files that ``config.export`` asks for, written now; ``{form name: path}``."""
+def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run: RunFolder) -> dict[str, Path]:
+    """The ONNX (and int8) files that ``config.export`` asks for (of the primary teacher and the student),
+    written now into the run's ``exports/``; ``{form name: path}``."""
     if not config.export.onnx:
         return {}
     from kdforge.deploy.onnx_export import export_onnx
     from kdforge.deploy.quantize import quantize_int8
 
-    paths = export_paths(run_dir)
-    paths["teacher onnx fp32"].parent.mkdir(parents=True, exist_ok=True)
-    if is_black_box(teacher):
+    paths = run.onnx_files()
+    run.exports.mkdir(parents=True, exist_ok=True)
+    if not capabilities(config, primary_teacher(config)).weights:
         log.info("the teacher is a black box: no ONNX export of it")
         del paths["teacher onnx fp32"]
     for name, loaded in (("teacher onnx fp32", teacher), ("student onnx fp32", student)):
@@ -76,18 +65,19 @@ def build_forms(config: JobConfig, task: Task, models: dict[str, LoadedModel], t
     """The primary teacher and the student in PyTorch, every ONNX file given, then the job's other roles
     (teachers, assistants, peers) in PyTorch; the teacher first: the speedups' reference."""
     teacher, student = models[teacher_role], models[STUDENT]
-    forms = [model_form("teacher", teacher, task, config), model_form("student", student, task, config)]
+    forms = [model_form("teacher", teacher_role, teacher, task, config),
+             model_form("student", STUDENT, student, task, config)]
     for name, path in onnx_files.items():
         forms.append(onnx_form(name, path, teacher if name.startswith("teacher") else student, task, config.eval))
-    forms += [model_form(role, loaded, task, config) for role, loaded in models.items()
+    forms += [model_form(role, role, loaded, task, config) for role, loaded in models.items()
               if role not in (teacher_role, STUDENT)]
     return forms
 
 
-def model_form(name: str, loaded: LoadedModel, task: Task, config: JobConfig) -> Form:
-    """The PyTorch form of a model; a black-box teacher's form is scored only (``forward`` None: not timed,
-    no parameters or size of its own to report)."""
-    if is_black_box(loaded):
+def model_form(name: str, role: str, loaded: LoadedModel, task: Task, config: JobConfig) -> Form:
+    """The PyTorch form of ``role``'s model; one without weights (a black-box teacher) is scored only
+    (``forward`` None: not timed, no parameters or size of its own to report)."""
+    if not capabilities(config, role).weights:
         from kdforge.models.adapter import ModelAdapter
 
         return Form(name, ModelAdapter(loaded.model), None, loaded.tokenizer, 0, 0.0)  # type: ignore[arg-type]
@@ -104,9 +94,9 @@ def score_and_time(forms: list[Form], task: Task, data, config: JobConfig) -> tu
     return reports, timing
 
 
-def black_box_stats(models: dict[str, LoadedModel]) -> dict[str, dict[str, Any]]:
-    """The queries of every black-box role (:meth:`kdforge.blackbox.teacher.BlackBoxModule.stats`)."""
-    return {role: loaded.model.stats() for role, loaded in models.items() if is_black_box(loaded)}
+def black_box_stats(config: JobConfig, models: dict[str, LoadedModel]) -> dict[str, dict[str, Any]]:
+    """The queries of every queried role, a black box (:meth:`kdforge.blackbox.teacher.BlackBoxModule.stats`)."""
+    return {role: loaded.model.stats() for role, loaded in models.items() if capabilities(config, role).queried}
 
 
 def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task, models: dict[str, LoadedModel],
@@ -118,7 +108,7 @@ def add_sharpness(reports: dict[str, ModelReport], config: JobConfig, task: Task
     train = task.split("train")
     for name, role in (("teacher", teacher_role), ("student", STUDENT),
                        *((r, r) for r in models if r not in (teacher_role, STUDENT))):
-        if is_black_box(models[role]):
+        if not capabilities(config, role).weights:
             log.info("sharpness of the %s: not measured (a black box has no visible loss surface)", name)
             continue
         result = model_sharpness(models[role], task, train, config.eval)
@@ -139,13 +129,13 @@ def baseline_report(task: Task, data, config: JobConfig) -> ModelReport | None:
 
 
 def phase_histories(config: JobConfig, history: list[dict] | None,
-                    teacher_dirs: dict[str, Path]) -> dict[str, list[dict]]:
-    """Training history per phase: each fine-tuned teacher's (``finetune.json``) and each stage's."""
+                    finetune_records: dict[str, Path]) -> dict[str, list[dict]]:
+    """Training history per phase: each fine-tuned teacher's (its ``finetune.json`` by role) and each stage's."""
     phases: dict[str, list[dict]] = {}
-    for role, folder in teacher_dirs.items():
-        meta = folder / "finetune.json"
+    for role, meta in finetune_records.items():
         if meta.is_file():
-            phases[f"{role} fine-tune"] = read_json(meta, f"delete {folder} to fine-tune again").get("history", [])
+            fix = f"delete {meta.parent} to fine-tune again"
+            phases[f"{role} fine-tune"] = read_json(meta, fix).get("history", [])
     for entry in history or []:
         phases.setdefault(f"stage {entry.get('stage', config.all_stages()[-1].name)}", []).append(entry)
     return phases
@@ -160,14 +150,14 @@ def data_sizes(task: Task) -> dict[str, int]:
 
 
 def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], teacher_role: str, out_dir: Path,
-                 history: list | None, provenance: dict[str, Any], teacher_dirs: dict[str, Path],
+                 history: list | None, provenance: dict[str, Any], finetune_records: dict[str, Path],
                  onnx_files: dict[str, Path]) -> dict[str, Any]:
     """Score every form, time them interleaved, write the report into ``out_dir``; returns what
     ``metrics.json`` holds (written last by the caller's :func:`write_metrics`)."""
     data = task.split(task.eval_split)
     forms = build_forms(config, task, models, teacher_role, onnx_files)
     reports, timing = score_and_time(forms, task, data, config)
-    black_box = black_box_stats(models)  # after scoring: the evaluation's queries count
+    black_box = black_box_stats(config, models)  # after scoring: the evaluation's queries count
     if config.eval.sharpness:
         add_sharpness(reports, config, task, models, teacher_role)
     teacher, student = reports["teacher"], reports["student"]
@@ -183,7 +173,7 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
               "reported_on": task.describe_split(task.eval_split)}
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
-                        histories=phase_histories(config, history, teacher_dirs), provenance=provenance,
+                        histories=phase_histories(config, history, finetune_records), provenance=provenance,
                         greater_is_better=task.greater_is_better,
                         notes=[stats_line(role, stats) for role, stats in black_box.items()])
     write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
@@ -212,9 +202,9 @@ def result_table(saved: dict[str, Any]) -> str:
     return f"{table}\nWARNING: {noise}" if noise else table
 
 
-def write_metrics(out_dir: Path, saved: dict[str, Any]) -> Path:
+def write_metrics(out: Results, saved: dict[str, Any]) -> Path:
     """``metrics.json`` (last: in a run folder it marks a finished run)."""
-    return atomic_write_json(Path(out_dir) / "metrics.json", saved)
+    return atomic_write_json(out.metrics, saved)
 
 
 def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -234,18 +224,19 @@ def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def write_student_card(config: JobConfig, task: Task, run_dir: Path, saved: dict[str, Any]) -> Path:
+def write_student_card(config: JobConfig, task: Task, run: RunFolder, saved: dict[str, Any]) -> Path:
     """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.model_card`)."""
     from kdforge.model_card import write_model_card
 
-    teacher_spec = next(iter(config.teacher_configs().values()))
-    teacher_source = teacher_spec.model or f"a black box ({teacher_spec.black_box.describe()})"
+    teacher_spec = config.teacher_configs()[primary_teacher(config)]
+    teacher_source = teacher_spec.model if capabilities(config, primary_teacher(config)).weights \
+        else f"a black box ({teacher_spec.black_box.describe()})"
     student = config.student.model_dump(exclude_defaults=True)
     described = ", ".join(f"{k}: {v}" for k, v in student.items()) or "the teacher's architecture"
     pipeline_tag = task.problem.pipeline_tag or (
         "image-classification" if task.modality == "image" else "text-classification")
     return write_model_card(
-        run_dir / STUDENT, task_name=task.name, metrics=saved["student"]["metrics"],
+        run.student, task_name=task.name, metrics=saved["student"]["metrics"],
         teacher_metrics=saved["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_source,
         objectives=list(dict.fromkeys(o.name for s in config.all_stages() for o in s.objectives)),
         student_description=f"built from the teacher ({described})", params=saved["student"]["params"],

@@ -224,41 +224,23 @@ class _ImageEncoder:
 # ---------------------------------------------------------------------------- finished runs
 
 
-def run_role_model(config: Any, run_dir: Path, task: Any, role: str) -> Any:
-    """The model ``role`` of a finished run, loaded as :func:`kdforge.jobs.run_models` does (the
-    exported student, ``models/<role>/`` for roles a stage trained, a teacher's fine-tuned folder or its
-    configured model)."""
-    from kdforge.config import STUDENT
-    from kdforge.jobs import teacher_dir, trained_roles
-    from kdforge.models.loading import load_model
-
-    if role == STUDENT:
-        return load_model(str(run_dir / "student"), task, "student")
-    if role in trained_roles(config):
-        folder = run_dir / "models" / role
-        if not folder.is_dir():
-            raise KDForgeError(f"{folder} does not exist (the run trained {role}); distill again with --overwrite")
-        return load_model(str(folder), task, role)
-    teachers = config.teacher_configs()
-    if role in teachers and teachers[role].black_box is not None:
-        raise KDForgeError(f"the {role} of run {run_dir} is a black box ({teachers[role].black_box.describe()}): "
-                           "it is served already; serve the student or another role")
-    if role in teachers:
-        folder = teacher_dir(run_dir, role) / "model"
-        return load_model(str(folder) if folder.is_dir() else teachers[role].model, task)
-    roles = [STUDENT, *teachers, *(r for r in trained_roles(config) if r not in teachers)]
-    raise KDForgeError(f"run {run_dir} has no role {role!r}; serve one of {', '.join(roles)}")
-
-
 def run_predictor(run_dir: str | Path, role: str = "student") -> tuple[Callable[[list[dict]], np.ndarray], int]:
     """``(predict_fn, num_classes)`` of the model ``role`` of the finished run in ``run_dir`` (a run
-    folder or its config file)."""
-    from kdforge.jobs import finished_run
+    folder or its config file), loaded by :func:`kdforge.roles.loading.load_run_model`."""
+    from kdforge.roles.base import capabilities
+    from kdforge.roles.loading import load_run_model, run_roles
+    from kdforge.run_folder import RunFolder
     from kdforge.tasks.base import build_task
 
-    config, folder = finished_run(run_dir)
+    config, run = RunFolder.open_finished(run_dir)
+    if role not in run_roles(config):
+        raise KDForgeError(f"run {run.root} has no role {role!r}; serve one of {', '.join(run_roles(config))}")
+    if not capabilities(config, role).weights:
+        raise KDForgeError(f"the {role} of run {run.root} is a black box "
+                           f"({config.teacher_configs()[role].black_box.describe()}): it is served already; serve "
+                           "the student or another role")
     task = build_task(config.task)
-    return model_predictor(run_role_model(config, folder, task, role), task), task.num_labels
+    return model_predictor(load_run_model(config, run, task, role), task), task.num_labels
 
 
 def serve_run(run_dir: str | Path, role: str = "student", host: str = "127.0.0.1", port: int = 8000) -> None:

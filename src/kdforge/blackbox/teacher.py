@@ -122,11 +122,6 @@ class BlackBoxModule(nn.Module):
                 "inputs_per_request": float(np.mean([n for n, _ in requests])) if requests else None}
 
 
-def is_black_box(model: LoadedModel | nn.Module | None) -> bool:
-    """Whether ``model`` (a LoadedModel or a module) is a black-box teacher."""
-    return isinstance(getattr(model, "model", model), BlackBoxModule)
-
-
 def stats_line(role: str, stats: Mapping[str, Any]) -> str:
     """One line for the report, e.g. ``black-box teacher `teacher` (url http://...): 320 queries this run,
     320 in total (max_queries 1000), 64 answered from the cache; 5 requests, median round trip 3.1 ms``."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.errors import KDForgeError
+from kdforge.run_folder import RunFolder
 
 log = logging.getLogger("kdforge")
 
@@ -111,17 +112,17 @@ def build_trackers(names: list[str], run_dir: Path, desc: str) -> list:
     """Accelerate tracker objects (``GeneralTracker``) for one fit named ``desc`` of the run in ``run_dir``."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, TensorBoardTracker
 
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     trackers = []
     for name in names:
         if name == "tensorboard":
-            trackers.append(TensorBoardTracker(desc, str(run_dir / "tensorboard")))
+            trackers.append(TensorBoardTracker(desc, str(run.tracker(name))))
         elif name == "mlflow":
-            experiment = run_dir.resolve().name or "kdforge"
-            trackers.append(_mlflow_tracker_class()(experiment, desc, run_dir / "mlruns"))
+            experiment = run.root.resolve().name or "kdforge"
+            trackers.append(_mlflow_tracker_class()(experiment, desc, run.tracker(name)))
         else:
             cls = LOGGER_TYPE_TO_CLASS[name]
-            trackers.append(cls(desc, str(run_dir / name)) if cls.requires_logging_directory else cls(desc))
+            trackers.append(cls(desc, str(run.tracker(name))) if cls.requires_logging_directory else cls(desc))
     return trackers
 
 

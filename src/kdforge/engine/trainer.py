@@ -53,6 +53,7 @@ from kdforge.engine.step import TrainStep
 from kdforge.engine.tracking import end_tracking, resolve_trackers, start_tracking
 from kdforge.errors import KDForgeError
 from kdforge.progress import Progress
+from kdforge.run_folder import RunFolder
 
 log = logging.getLogger("kdforge")
 
@@ -123,7 +124,7 @@ class Trainer:
         self.collate_fn = collate_fn
         self.accelerator = accelerator or make_accelerator(config)
         self.state = TrainState()
-        self.ckpt_root = self.run_dir / "checkpoints" / desc
+        self.ckpt_root = RunFolder(self.run_dir).checkpoints(desc)
         self.ckpt_dir = self.ckpt_root / "last"
         self.best_path = self.ckpt_root / "best-student.pt"
         self.checkpoint_step: int | None = None  # the step of the newest checkpoint written or restored

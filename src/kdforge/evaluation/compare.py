@@ -24,6 +24,7 @@ from kdforge.evaluation.plots import score_latency_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
 from kdforge.evaluation.report import finite_number, fmt
 from kdforge.io import atomic_write_bytes, atomic_write_text, read_json
+from kdforge.run_folder import RunFolder
 
 ABSENT = "(absent)"
 _MISSING = object()  # a key one config lacks
@@ -41,14 +42,15 @@ def _finish_hint(run_dir: Path) -> str:
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metrics, config)`` of one run folder, or one :class:`KDForgeError` line naming the folder."""
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
+    run_dir = run.root
     if not run_dir.is_dir():
         raise KDForgeError(f"run folder {run_dir} does not exist; pass the output_dir of a finished run")
-    metrics = read_json(run_dir / "metrics.json", f"run `kdforge distill` to finish it or `kdforge eval {run_dir}`")
+    metrics = read_json(run.metrics, f"run `kdforge distill` to finish it or `kdforge eval {run_dir}`")
     for key in ("task", "student", "teacher"):
         if not isinstance(metrics.get(key), dict if key != "task" else str):
-            raise KDForgeError(f"{run_dir / 'metrics.json'} has no {key!r} entry; {_finish_hint(run_dir)}")
-    path = run_dir / "config.yaml"
+            raise KDForgeError(f"{run.metrics} has no {key!r} entry; {_finish_hint(run_dir)}")
+    path = run.config_file
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -64,15 +66,16 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def with_latest_latency(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """``metrics`` with each model's latency from the run's newest ``kdforge bench-latency`` measurement
     (``latency/<date>/latency.json``) when there is one (``metrics["latency_from"]`` names it)."""
-    measured = sorted(Path(run_dir).glob("latency/*/latency.json"))
+    measured = RunFolder(run_dir).latency_measurements()
     if not measured:
         return metrics
-    timing = read_json(measured[-1], f"delete {measured[-1].parent} or run `kdforge bench-latency {run_dir}` again")
+    latest = measured[-1]
+    timing = read_json(latest.latency_json, f"delete {latest.root} or run `kdforge bench-latency {run_dir}` again")
     reports = {"teacher": metrics["teacher"], "student": metrics["student"], **(metrics.get("exports") or {})}
     for name, report in reports.items():
         if name in timing.get("models", {}):
             report["latency"] = timing["models"][name]
-    metrics["latency_from"] = str(measured[-1].parent.relative_to(run_dir))
+    metrics["latency_from"] = str(latest.root.relative_to(run_dir))
     return metrics
 
 

@@ -35,6 +35,9 @@ from kdforge.evaluation.report import (
     selection_line,
 )
 from kdforge.io import atomic_write_bytes, atomic_write_text
+from kdforge.run_folder import REPORT_IMAGES, Results
+
+RELIABILITY, TRAINING, SCORE_LATENCY = REPORT_IMAGES  # the images' file names
 
 
 @dataclass
@@ -164,15 +167,15 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
                                 "load change hits all of them)."))
             if noise := describe_latency_noise(findings.latency):
                 blocks.append(("warning", noise))
-    if "score-latency.png" in images:
+    if SCORE_LATENCY in images:
         blocks += [("h2", f"{teacher.main_metric} vs latency"),
-                   ("image", ("score-latency.png", images["score-latency.png"], "score vs latency"))]
+                   ("image", (SCORE_LATENCY, images[SCORE_LATENCY], "score vs latency"))]
     blocks += _per_class_blocks({"teacher": teacher, "student": student})
-    if "reliability.png" in images:
-        blocks += [("h2", "Reliability diagram"), ("image", ("reliability.png", images["reliability.png"],
+    if RELIABILITY in images:
+        blocks += [("h2", "Reliability diagram"), ("image", (RELIABILITY, images[RELIABILITY],
                                                              "reliability diagram"))]
-    if "training.png" in images:
-        blocks += [("h2", "Training curves"), ("image", ("training.png", images["training.png"], "training curves"))]
+    if TRAINING in images:
+        blocks += [("h2", "Training curves"), ("image", (TRAINING, images[TRAINING], "training curves"))]
     if history:
         blocks += [("h2", "Training history"), ("table", history_table(history))]
     if findings.provenance:
@@ -196,17 +199,17 @@ def draw_images(teacher: ModelReport, student: ModelReport, findings: Findings,
     images: dict[str, bytes] = {}
     if teacher.reliability is not None and student.reliability is not None:
         names = (teacher.name, student.name) if teacher.name != student.name else ("teacher", "student")
-        images["reliability.png"] = reliability_png({names[0]: teacher.reliability, names[1]: student.reliability})
+        images[RELIABILITY] = reliability_png({names[0]: teacher.reliability, names[1]: student.reliability})
     metric_names = list(dict.fromkeys([*teacher.metrics, *student.metrics]))
     histories = findings.histories or ({"training": history} if history else {})
     if histories and (png := training_curves_png(histories, metric_names)) is not None:
-        images["training.png"] = png
+        images[TRAINING] = png
     forms = findings.forms or {"teacher": teacher, "student": student}
     sizes = batch_sizes(*forms.values())
     if sizes:
         points = _chart_points(forms, sizes[-1])
         if any(p["score"] is not None and p["latency_ms"] for p in points):
-            images["score-latency.png"] = score_latency_png(points, teacher.main_metric, sizes[-1],
+            images[SCORE_LATENCY] = score_latency_png(points, teacher.main_metric, sizes[-1],
                                                             findings.greater_is_better)
     return images
 
@@ -220,13 +223,13 @@ def write_report(run_dir: str | Path, teacher: ModelReport, student: ModelReport
     ``history``: the training log (one dict per epoch). ``selected_on``/``reported_on``: the selection
     and reported splits (``Task.describe_split``), one line under the table. Returns ``{"markdown": path,
     "html": path}`` plus each image's stem (``"reliability"``, ...) -> path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Results(run_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
     findings = findings or Findings()
     images = draw_images(teacher, student, findings, history)
-    paths = {Path(name).stem: atomic_write_bytes(run_dir / name, png) for name, png in images.items()}
+    paths = {Path(name).stem: atomic_write_bytes(out.image(name), png) for name, png in images.items()}
     blocks = report_blocks(teacher, student, title, config_yaml, history, selection_line(selected_on, reported_on),
                            findings, images)
-    paths["markdown"] = atomic_write_text(run_dir / "report.md", render_markdown(blocks))
-    paths["html"] = atomic_write_text(run_dir / "report.html", render_html(blocks, title))
+    paths["markdown"] = atomic_write_text(out.report_md, render_markdown(blocks))
+    paths["html"] = atomic_write_text(out.report_html, render_html(blocks, title))
     return paths

@@ -23,6 +23,7 @@ from kdforge.recipes import (  # noqa: F401
     sokd,
 )
 from kdforge.recipes.base import DATA_SOURCES, STRATEGIES, Strategy
+from kdforge.roles.base import capabilities
 
 
 def strategy_for(stage: StageConfig, index: int) -> Strategy:
@@ -42,9 +43,10 @@ def check_stages(config: JobConfig) -> None:
 
 
 def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strategy) -> None:
-    """A black-box teacher of ``stage`` is frozen and shows only its probabilities (as logits)."""
+    """A black-box teacher of ``stage`` (no weights) is frozen, and objectives read of it only what its
+    capabilities give: its probabilities (as logits)."""
     teachers = config.stage_teachers(stage)
-    black = [r for r in teachers if (t := config.teacher_configs().get(r)) is not None and t.black_box is not None]
+    black = [r for r in teachers if not capabilities(config, r).weights]
     if not black:
         return
     if strategy.trains_teachers:
@@ -52,9 +54,10 @@ def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strat
                            f"{black[0]!r} is a black box; use an offline strategy with it")
     for i, term in enumerate(stage.objectives):
         objective = build_objective(term, i)
-        reads = objective.requires or getattr(objective.params, "teacher_paths", None)
-        role = next((r for r in black if r in ([term.teacher] if term.teacher else teachers)), None)
-        if objective.uses_teacher and reads and role is not None:
+        needs = {*objective.requires, *(["features"] if getattr(objective.params, "teacher_paths", None) else [])}
+        role = next((r for r in black if r in ([term.teacher] if term.teacher else teachers)
+                     and not capabilities(config, r).gives(needs)), None)
+        if objective.uses_teacher and role is not None:
             raise KDForgeError(f"stage {stage.name!r}: objective {term.name!r} reads the hidden states, attention maps "
                                f"or module outputs of teacher {role!r}, a black box that shows only class "
                                "probabilities; bind it to another teacher or use a logit objective (hinton_kd...)")

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from kdforge.augment import EmbeddingNeighbours, augment_dataset
 from kdforge.blackbox.protocol import encode_image, encode_text
-from kdforge.blackbox.teacher import BlackBoxModule, is_black_box
+from kdforge.blackbox.teacher import BlackBoxModule
 from kdforge.config import STUDENT, FSBBTConfig, JobConfig, StageConfig
 from kdforge.engine.step import TrainStep
 from kdforge.errors import KDForgeError
@@ -56,6 +56,8 @@ from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
+from kdforge.roles.base import capabilities
+from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import ListDataset, Task
 
 log = logging.getLogger("kdforge")
@@ -219,7 +221,7 @@ def synthetic_dataset(arrays: dict[str, np.ndarray]) -> Dataset:
 
 def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig, device) -> FSBBTTask:
     """The ``fsbbt`` data source: the stored synthetic set of this stage, else built and stored now."""
-    if not is_black_box(teacher):
+    if teacher is None or not capabilities(config, config.stage_teachers(stage)[0]).queried:
         raise KDForgeError(f"stage {stage.name!r}: `data: fsbbt` is labelled by a black-box teacher; make the stage's "
                            "first teacher a `black_box:` one")
     if not task.problem.classes:
@@ -229,7 +231,7 @@ def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, conf
     spec = stage.fsbbt
     learner = learner_model(config, stage) if task.modality == "text" else None
     fingerprint = synthetic_fingerprint(spec, task, module, learner)
-    path = Path(config.output_dir) / "stages" / f"{stage.name}-fsbbt.npz"
+    path = RunFolder.of(config).fsbbt_set(stage.name)
     with PartialState().main_process_first():
         arrays = load_synthetic(path, fingerprint)
         if arrays is not None:

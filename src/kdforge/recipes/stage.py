@@ -26,6 +26,7 @@ from kdforge.models.loading import LoadedModel
 from kdforge.models.vocab import StudentIdsCollator
 from kdforge.recipes.base import DATA_SOURCES, StageContext
 from kdforge.recipes.catalog import strategy_for
+from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import Task
 from kdforge.tasks.corpus import CorpusTask
 
@@ -118,21 +119,14 @@ def restore_snapshot(model: LoadedModel, path: Path) -> None:
     model.model.load_state_dict(snapshot["state"])
 
 
-def checkpoint_roots(config: JobConfig, run_dir: Path) -> list[tuple[Path, bool]]:
-    """Every stage's checkpoint folder (``checkpoints/<stage>``) and whether its ``train.keep_checkpoint``
-    keeps it after the run."""
-    return [(Path(run_dir) / "checkpoints" / stage.name, config.stage_train(stage).keep_checkpoint)
-            for stage in config.all_stages()]
-
-
 def run_stages(config: JobConfig, task: Task, models: dict[str, LoadedModel], run_dir: Path, resume: bool,
                callbacks=()) -> list[dict]:
     """Every stage in order (finished ones skipped on resume); returns the joined history. Checkpoints
-    are left in place (see :func:`checkpoint_roots`)."""
+    are left in place (see :meth:`kdforge.run_folder.RunFolder.checkpoint_roots`)."""
     stages = config.all_stages()
     history: list[dict] = []
     for index, stage in enumerate(stages):
-        marker, snapshot = run_dir / "stages" / f"{stage.name}.json", run_dir / "stages" / f"{stage.name}.pt"
+        marker, snapshot = RunFolder(run_dir).stage_marker(stage.name), RunFolder(run_dir).stage_snapshot(stage.name)
         learner = models[stage.learner]
         if resume and marker.is_file():
             log.info("stage %s finished earlier: skipped", stage.name)

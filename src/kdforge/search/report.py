@@ -15,6 +15,7 @@ from kdforge.evaluation.plots import best_so_far_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
 from kdforge.evaluation.report import NA, ModelReport, finite_number, fmt, latency_ms
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from kdforge.run_folder import RunFolder
 
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
@@ -77,7 +78,7 @@ TRIAL_HEADERS = ["trial", "state", "candidate", "params", "latency ms", "/ teach
 
 def final_validation(run_dir: str, metric: str, greater_is_better: bool) -> float | None:
     """The final run's best validation score (the split carved from training, held out from it)."""
-    path = Path(run_dir) / "metrics.json"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return None
     values = [h[metric] for h in read_json(path, "").get("history", []) if finite_number(h.get(metric))]

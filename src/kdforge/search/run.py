@@ -31,6 +31,8 @@ from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_text, file_lock
 from kdforge.models.loading import VISION_META
 from kdforge.preflight import check_job
+from kdforge.roles.base import capabilities
+from kdforge.run_folder import RunFolder
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import trial_records, write_search_report
 from kdforge.search.space import SearchSpace
@@ -56,7 +58,7 @@ def search_config(config: JobConfig) -> JobConfig:
     if config.stages is not None:
         raise KDForgeError("search runs single-stage jobs: remove `stages` and give `objectives` (the candidates' "
                            "logit terms)")
-    if any(spec.black_box is not None for spec in config.teacher_configs().values()):
+    if not all(capabilities(config, role).weights for role in config.teacher_configs()):
         raise KDForgeError("search builds candidates from the teacher's weights and times them beside it: give a "
                            "teacher `model`, not a `black_box`")
     if config.assistants:
@@ -81,9 +83,9 @@ def space_kind(config: JobConfig) -> str:
 
 
 def load_teachers(config: JobConfig, task) -> dict:
-    from kdforge.jobs import get_teacher
+    from kdforge.roles.teachers import load_teacher
 
-    return {role: get_teacher(config, task, role=role) for role in config.teacher_configs()}
+    return {role: load_teacher(config, task, role=role) for role in config.teacher_configs()}
 
 
 def worker_threads(workers: int) -> int:
@@ -124,11 +126,10 @@ def final_config(config: JobConfig, folder: Path, overrides: dict[str, Any], ran
     """The job with the candidate as its student, into ``best/rank-<rank>``; a teacher the search
     fine-tuned is used from its folder (not fine-tuned again)."""
     from kdforge.config import apply_overrides
-    from kdforge.jobs import teacher_dir
 
     tree = apply_overrides(config.model_dump(mode="json"), overrides)
     for role, spec in config.teacher_configs().items():
-        tuned = teacher_dir(folder, role) / "model"
+        tuned = RunFolder(folder).teacher(role).model
         if spec.finetune is not None and tuned.is_dir():
             section = tree["teacher"] if role == PRIMARY_TEACHER else tree["teachers"][role]
             section.update(model=str(tuned), finetune=None)
@@ -148,7 +149,7 @@ def distill_best(config: JobConfig, study: optuna.Study, folder: Path) -> list[d
         best.append({"rank": rank, "trial": trial.number, "run_dir": str(result.run_dir),
                      "overrides": trial.user_attrs["overrides"], "teacher": result.teacher.to_dict(),
                      "student": result.student.to_dict(),
-                     "command": f"kdforge distill {Path(cfg.output_dir) / 'config.yaml'}"})
+                     "command": f"kdforge distill {RunFolder.of(cfg).config_file}"})
     return best
 
 

@@ -40,7 +40,7 @@ from kdforge.search.storage import open_storage
 from kdforge.study.config import StudyConfig, load_study
 from kdforge.study.grid import RunSpec, expand
 from kdforge.study.summary import run_summary
-from kdforge.study.teachers import ensure_teacher, shared_teacher_jobs, with_shared_teachers
+from kdforge.study.teachers import ensure_shared_teachers, with_shared_teachers
 
 log = logging.getLogger("kdforge")
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,7 +133,7 @@ def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str
     if task_key not in tasks:
         tasks[task_key] = build_task(config.task)
     task = tasks[task_key]
-    models = {role: ensure_teacher(job, task) for role, job in shared_teacher_jobs(config, task, teachers_dir).items()}
+    models = ensure_shared_teachers(config, task, teachers_dir)
     job = validate_config(with_shared_teachers(run.tree, models), f"study run {run.key!r}")
     run_dir = Path(job.output_dir)
     saved_config = run_dir / "config.yaml"
@@ -144,7 +144,7 @@ def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str
     run_distill(job, resume=not changed, overwrite=changed)
     primary = next(iter(job.teacher_configs()))
     spec = config.teacher_configs()[primary]
-    teacher_id = models[primary].parent.parent.name if primary in models else \
+    teacher_id = models[primary].parent.name if primary in models else \
         (spec.model or f"black box {spec.black_box.version or ''}".strip())
     return run_summary(run_dir / "metrics.json", run, teacher_id, task.greater_is_better)
 
