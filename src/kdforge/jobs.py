@@ -25,7 +25,7 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.preflight import check_job
 from kdforge.processes import launch_rank
 from kdforge.provenance import PhaseTimer, collect_provenance
-from kdforge.recipes.catalog import check_stages, strategy_for
+from kdforge.recipes.catalog import check_stages, data_source_for, strategy_for
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import checkpoint_roots, run_stages, train_model
 from kdforge.run_folder import PREVIOUS_RUN, finish_run, log_file, prepare_output_dir, restore_previous_run
@@ -38,7 +38,6 @@ from kdforge.run_report import (
     write_student_card,
 )
 from kdforge.tasks.base import Task, build_task
-from kdforge.tasks.corpus import corpus_texts
 
 log = logging.getLogger("kdforge")
 
@@ -169,12 +168,11 @@ def run_finetune(config: JobConfig, resume: bool = False) -> LoadedModel:
 
 
 def training_texts(config: JobConfig, task: Task) -> list[str]:
-    """Every passage the student trains on: the task's training text and the corpus stages' text
-    (word frequencies for GLMD vocabulary compression are counted over them)."""
+    """Every passage the student trains on: the task's training text and the text of the stages' own data
+    sources (a corpus; word frequencies for GLMD vocabulary compression are counted over them)."""
     texts = [t for e in task.split("train") for t in (e.get("text_a"), e.get("text_b")) if t]
-    for stage in config.all_stages():
-        if stage.data == "corpus":
-            texts += corpus_texts(stage.corpus)
+    for index, stage in enumerate(config.all_stages()):
+        texts += data_source_for(stage, index).texts()
     return texts
 
 

@@ -80,10 +80,11 @@ def task_problem(config: JobConfig) -> str:
     return "regression" if config.task.problem_type == "regression" else kind
 
 
-def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min_peers: int,
-                       max_peers: int | None = None) -> list[str]:
+def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str) -> list[str]:
     """The checks every online strategy (learner and teacher roles trained together) makes before
-    training; returns the peer roles. Raises one KDForgeError line naming the config key to fix."""
+    training, besides those of every strategy (the number of peers: ``Strategy.teacher_count``; the
+    task's labels: ``Strategy.needs``); returns the peer roles. Raises one KDForgeError line naming the
+    config key to fix."""
     i = stage_index(config, stage)
     where = f"stage {stage.name!r} (stages.{i})"
     if stage.teacher_source == "cache":
@@ -91,11 +92,6 @@ def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min
                            f"outputs cannot come from the teacher-output cache; set stages.{i}.teacher_source: "
                            "live (or auto)")
     peers = config.stage_teachers(stage)
-    wanted = f"exactly {min_peers}" if max_peers == min_peers else f"{min_peers} or more"
-    if len(peers) < min_peers or (max_peers is not None and len(peers) > max_peers):
-        raise KDForgeError(f"{where}: strategy {strategy} needs {wanted} teacher role(s) trained with the learner "
-                           f"(got {', '.join(peers) or 'none'}); list them in stages.{i}.teachers (a teacher, or an "
-                           "assistant declared under `assistants:`)")
     if stage.objectives:
         raise KDForgeError(f"{where}: strategy {strategy} defines its own loss and ignores `objectives`; set "
                            f"stages.{i}.objectives: [] (and its weights in stages.{i}.strategy)")
@@ -103,9 +99,6 @@ def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min
     if problem != "classification":
         raise KDForgeError(f"{where}: strategy {strategy} learns class distributions, but task {config.task.name} is "
                            f"a {problem} task; use a classification task or another strategy (stages.{i}.strategy)")
-    if stage.data != "task":
-        raise KDForgeError(f"{where}: strategy {strategy} trains every model on the task's labels; set "
-                           f"stages.{i}.data: task")
     if i != len(config.all_stages()) - 1:
         raise KDForgeError(f"{where}: strategy {strategy} must be the recipe's last stage (a finished earlier stage "
                            "keeps only its learner's snapshot, so a resumed run would lose the peers' training); "
@@ -138,13 +131,17 @@ def trainable_peers(ctx: StageContext) -> dict[str, nn.Module]:
 
 class PeerStep(TrainStep):
     """The learner and its peers, all trainable: ``logits(batch)`` runs every model (the learner
-    first, then the peers in the stage's order) and returns their logits by role."""
+    first, then the peers in the stage's order) and returns their logits by role (and :meth:`parts`:
+    the models by role, for ``train.lr_by_role``)."""
 
     def __init__(self, learner_role: str, learner: ModelAdapter, peers: dict[str, nn.Module]):
         super().__init__()
         self.learner = learner
         self.learner_role = learner_role
         self.peers = nn.ModuleDict(peers)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {**super().parts(), **self.peers}
 
     def logits(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {self.learner_role: self.learner(batch).logits}
@@ -209,9 +206,11 @@ class DeepMutualLearning(Strategy):
 
     Params = DMLParams
     trains_teachers = True
+    teacher_count = (1, None)
+    needs = frozenset({"gold_labels"})  # every model learns the task's labels
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        check_online_stage(config, stage, "dml", min_peers=1)
+        check_online_stage(config, stage, "dml")
 
     def build(self, ctx: StageContext) -> DMLStep:
         p = self.params
