@@ -229,10 +229,49 @@ def soft_label_collator(task: Task):
     return collator
 
 
+def fsbbt_data(spec: FSBBTParams, stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig,
+               device) -> StageData:
+    """The ``fsbbt`` data source's data: the stored synthetic set of this stage, else built and stored now."""
+    if not is_black_box(teacher):
+        raise KDForgeError(f"stage {stage.name!r}: `data: fsbbt` is labelled by a black-box teacher; make the stage's "
+                           "first teacher a `black_box:` one")
+    if task.problem_type != "classification":
+        raise KDForgeError(f"stage {stage.name!r}: FS-BBT distils class probabilities; task {task.name} is "
+                           f"{task.problem_type}")
+    module: BlackBoxModule = teacher.model
+    learner = learner_model(config, stage) if task.modality == "text" else None
+    fingerprint = synthetic_fingerprint(spec, task, module, learner)
+    path = Path(config.output_dir) / "stages" / f"{stage.name}-fsbbt.npz"
+    with PartialState().main_process_first():
+        arrays = load_synthetic(path, fingerprint)
+        if arrays is not None:
+            log.info("stage %s: FS-BBT set reused from %s (no query)", stage.name, path)
+        else:
+            before = module.teacher.queries
+            if task.modality == "image":
+                arrays = build_images(spec, task, module, device)
+            else:
+                arrays = build_texts(spec, task, teacher, load_model(learner, task, "student.model"))
+            if PartialState().is_main_process:
+                save_synthetic(path, arrays, fingerprint)
+            log.info("stage %s: FS-BBT set labelled by the black box (%d new queries), stored in %s", stage.name,
+                     module.teacher.queries - before, path)
+    counts = dict(zip(("originals", "mixup" if task.modality == "image" else "augmented", "cvae"),
+                      (int(n) for n in arrays["counts"]), strict=True))
+    log.info("stage %s: FS-BBT set of %d inputs: %s", stage.name, int(sum(counts.values())),
+             ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    mixup = spec.batch_mixup_alpha if spec.batch_mixup and task.modality == "image" else None
+    return StageData(task.name, synthetic_dataset(arrays), soft_label_collator(task),
+                     f"{task.fingerprint()}-fsbbt-{fingerprint}", FSBBT.carries,
+                     selection=task.split(task.selection_split), selection_split=task.selection_split, scorer=task,
+                     num_labels=task.num_labels, label_names=list(task.label_names),
+                     random_train_inputs=task.random_train_inputs, mixup_alpha=mixup, info={"counts": counts})
+
+
 @DATA_SOURCES.register("fsbbt")
 class FSBBT(DataSource):
-    """``data: fsbbt``: the stored synthetic set of this stage (built and stored when missing); its training
-    batches carry the bought ``soft_labels``; the learner is scored on the task's selection split."""
+    """``data: fsbbt``: the synthetic set (:func:`fsbbt_data`); its training batches carry the bought
+    ``soft_labels``; the learner is scored on the task's selection split."""
 
     Params = FSBBTParams
     carries = frozenset({"labels", "soft_labels"})
@@ -248,41 +287,7 @@ class FSBBT(DataSource):
 
     def build(self, stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig,
               device) -> StageData:
-        if not is_black_box(teacher):
-            raise KDForgeError(f"stage {stage.name!r}: `data: fsbbt` is labelled by a black-box teacher; make the "
-                               "stage's first teacher a `black_box:` one")
-        if task.problem_type != "classification":
-            raise KDForgeError(f"stage {stage.name!r}: FS-BBT distils class probabilities; task {task.name} is "
-                               f"{task.problem_type}")
-        module: BlackBoxModule = teacher.model
-        spec = self.params
-        learner = learner_model(config, stage) if task.modality == "text" else None
-        fingerprint = synthetic_fingerprint(spec, task, module, learner)
-        path = Path(config.output_dir) / "stages" / f"{stage.name}-fsbbt.npz"
-        with PartialState().main_process_first():
-            arrays = load_synthetic(path, fingerprint)
-            if arrays is not None:
-                log.info("stage %s: FS-BBT set reused from %s (no query)", stage.name, path)
-            else:
-                before = module.teacher.queries
-                if task.modality == "image":
-                    arrays = build_images(spec, task, module, device)
-                else:
-                    arrays = build_texts(spec, task, teacher, load_model(learner, task, "student.model"))
-                if PartialState().is_main_process:
-                    save_synthetic(path, arrays, fingerprint)
-                log.info("stage %s: FS-BBT set labelled by the black box (%d new queries), stored in %s", stage.name,
-                         module.teacher.queries - before, path)
-        counts = dict(zip(("originals", "mixup" if task.modality == "image" else "augmented", "cvae"),
-                          (int(n) for n in arrays["counts"]), strict=True))
-        log.info("stage %s: FS-BBT set of %d inputs: %s", stage.name, int(sum(counts.values())),
-                 ", ".join(f"{n} {kind}" for kind, n in counts.items()))
-        mixup = spec.batch_mixup_alpha if spec.batch_mixup and task.modality == "image" else None
-        return StageData(task.name, synthetic_dataset(arrays), soft_label_collator(task),
-                         f"{task.fingerprint()}-fsbbt-{fingerprint}", self.carries,
-                         selection=task.split(task.selection_split), selection_split=task.selection_split,
-                         scorer=task, num_labels=task.num_labels, label_names=list(task.label_names),
-                         random_train_inputs=task.random_train_inputs, mixup_alpha=mixup, info={"counts": counts})
+        return fsbbt_data(self.params, stage, task, teacher, config, device)
 
 
 # ---------------------------------------------------------------------------- the soft_labels strategy
