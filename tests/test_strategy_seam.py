@@ -96,6 +96,20 @@ def test_the_distiller_builds_any_registered_strategy(tmp_path, digits, two_teac
     assert runs["offline"] == runs["multi_teacher"] and runs["offline"][-1][1] > 0.6
 
 
+def test_the_distiller_runs_an_online_strategy(tmp_path, digits):
+    """dml through the API: the peer trains with the student (here at its own learning rate)."""
+    torch.manual_seed(0)
+    peer = mlp(32)
+    before = [p.detach().clone() for p in peer.parameters()]
+    distiller = kdforge.Distiller({"peer": peer}, mlp(16), objectives=[], strategy="dml", output_dir=tmp_path)
+    state = distiller.fit(digits, digits, epochs=2, lr=1e-2, device="cpu", lr_by_role={"peer": 1e-3})
+    assert {"loss:ce:peer", "loss:kl:student"} <= set(state.history[-1])
+    assert sorted(distiller.module.parts()) == ["peer", "student"]
+    assert any(not torch.equal(a, b) for a, b in zip(before, peer.parameters(), strict=True))
+    with pytest.raises(KDForgeError, match="strategy amal reads the job's task, which a Distiller"):
+        kdforge.Distiller(peer, mlp(16), objectives=["ce"], strategy="amal").fit(digits, epochs=1, device="cpu")
+
+
 def test_the_distiller_refuses_what_the_strategy_cannot_do(two_teachers):
     with pytest.raises(KDForgeError, match="multi_teacher needs 2 or more teacher roles"):
         kdforge.Distiller(two_teachers["a"], mlp(8), strategy="multi_teacher")

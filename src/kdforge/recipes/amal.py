@@ -315,7 +315,7 @@ class AMAL(Strategy):
         if PartialState().num_processes > 1:
             raise KDForgeError("strategy amal runs in one process (its look-ahead needs double back-propagation, "
                                "which DDP does not support); launch without accelerate launch / torchrun")
-        val_loss = task_loss(ctx.task.problem_type)
+        val_loss = task_loss(ctx.job_task.problem_type)
         parts = stage_parts(ctx)
         index_examples(ctx)
         train = ctx.config.stage_train(ctx.stage)

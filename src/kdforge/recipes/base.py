@@ -113,6 +113,14 @@ class StageContext:
         self.adapters.append(adapter)
         return adapter
 
+    @property
+    def job_task(self) -> Task:
+        """The job's task, for a strategy that reads it (its problem kind); the Distiller has none."""
+        if self.task is None:
+            raise KDForgeError(f"strategy {self.stage.strategy.name} reads the job's task, which a Distiller over "
+                               "DataLoaders does not have; run it from a config (kdforge.distill)")
+        return self.task
+
     def loss(self, teachers: list[str] | None = None, extra: Sequence[ObjectiveConfig] = ()) -> WeightedLoss:
         """The stage's loss terms (and ``extra`` ones), bound to ``teachers`` (default: the stage's teachers)."""
         terms = self.stage.objectives if self.terms is None else self.terms

@@ -119,7 +119,7 @@ def trainable_peers(ctx: StageContext) -> dict[str, nn.Module]:
     peers: dict[str, nn.Module] = {}
     for role, loaded in ctx.teachers.items():
         model = loaded.model
-        if head_size(model) != ctx.data.num_labels:
+        if ctx.data.num_labels is not None and head_size(model) != ctx.data.num_labels:
             log.info("stage %s: peer %s gets a fresh %d-output head", ctx.stage.name, role, ctx.data.num_labels)
             replace_head(model, ctx.data.num_labels, ctx.data.label_names or None)
         model.requires_grad_(True)  # it may have been frozen as the teacher of an earlier stage

@@ -261,9 +261,9 @@ class SOKD(Strategy):
 
     def build(self, ctx: StageContext) -> SOKDStep:
         (role, teacher), = ctx.teachers.items()
-        if ctx.task.problem_type != "classification":
+        if ctx.job_task.problem_type != "classification":
             raise KDForgeError(f"stage {ctx.stage.name!r}: strategy sokd needs a classification task (got "
-                               f"{ctx.task.problem_type})")
+                               f"{ctx.job_task.problem_type})")
         bridge = knowledge_bridge(teacher.model)
         if bridge.num_classes != ctx.data.num_labels:
             raise KDForgeError(f"stage {ctx.stage.name!r}: the teacher {role!r} has {bridge.num_classes} outputs but "
