@@ -68,7 +68,7 @@ class StageData:
     mixup_alpha: float | None = None  # per-sample mixup of each training batch the source asks for (FS-BBT images)
     info: dict[str, Any] = field(default_factory=dict)  # what the source reports (counts, thresholds)
 
-    # what the engine's train_model reads of the data it evaluates (as of a Task)
+    # what train_model (recipes/stage.py) reads of the data it scores, as it reads a Task's
     @property
     def main_metric(self) -> str:
         return self.scorer.main_metric if self.scorer is not None else ""
