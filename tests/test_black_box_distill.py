@@ -266,21 +266,23 @@ def test_fsbbt_builds_labels_and_learns_from_a_callable_black_box(tmp_path, digi
 
 def test_fsbbt_ablation_flags_set_the_pool(tmp_path, digits_teacher):
     from kdforge.blackbox.teacher import black_box_teacher as make
-    from kdforge.recipes.fsbbt import fsbbt_task
+    from kdforge.recipes.catalog import data_source_for
 
     config = validate_config(fsbbt_tree(tmp_path, mixup=False, cvae=False))
     task = build_task(config.task)
     teacher = make(config.teacher.black_box, task, black_boxes={"digits": digits_teacher})
-    data = fsbbt_task(config.stages[0], task, teacher, config, "cpu")
-    assert data.counts == {"originals": 40, "mixup": 0, "cvae": 0} and len(data.split("train")) == 40
-    batch = data.collator(None, train=True)([data.split("train")[i] for i in range(4)])
+    data = data_source_for(config.stages[0], 0).build(config.stages[0], task, teacher, config, "cpu")
+    assert data.info["counts"] == {"originals": 40, "mixup": 0, "cvae": 0} and len(data.train) == 40
+    assert data.carries == {"labels", "soft_labels"} and data.mixup_alpha == 1.0
+    batch = data.collator(None, train=True)([data.train[i] for i in range(4)])
     assert batch["soft_labels"].shape == (4, 10) and batch["pixel_values"].shape == (4, 1, 8, 8)
 
 
 def test_fsbbt_on_text_labels_tinybert_variants_and_trains_on_soft_labels(tmp_path, text_task_config, student_dir,
                                                                           one_thread):
     from kdforge.fsbbt.soft_labels import soft_cross_entropy
-    from kdforge.recipes.fsbbt import SoftLabelStep, fsbbt_task
+    from kdforge.recipes.catalog import data_source_for
+    from kdforge.recipes.fsbbt import SoftLabelStep
 
     tree = text_tree(tmp_path, text_task_config, student_dir, "http://unused")
     tree["teacher"]["black_box"] = {"callable": "tests.test_black_box_distill:length_probs",
@@ -291,9 +293,10 @@ def test_fsbbt_on_text_labels_tinybert_variants_and_trains_on_soft_labels(tmp_pa
     task = build_task(config.task)
     teacher = load_teacher(config, task)
     assert teacher.tokenizer.get_vocab() == load_model(str(student_dir), task).tokenizer.get_vocab()
-    data = fsbbt_task(config.stages[0], task, teacher, config, "cpu")
-    assert data.counts == {"originals": 48, "augmented": 96, "cvae": 0}
-    train = data.split("train")
+    source = data_source_for(config.stages[0], 0)
+    data = source.build(config.stages[0], task, teacher, config, "cpu")
+    assert data.info["counts"] == {"originals": 48, "augmented": 96, "cvae": 0} and data.mixup_alpha is None
+    train = data.train
     texts = [train[i]["text_a"] for i in range(len(train))]
     assert texts[:48] == [task.split("train")[i]["text_a"] for i in range(48)]  # the originals first
     assert sum(a != b for a, b in zip(texts[48:96], texts[:48], strict=True)) > 10  # words replaced
@@ -301,8 +304,8 @@ def test_fsbbt_on_text_labels_tinybert_variants_and_trains_on_soft_labels(tmp_pa
     np.testing.assert_allclose(np.stack([train[i]["soft_labels"].numpy() for i in range(len(train))]), expected,
                                atol=1e-6)  # every text labelled by the black box
     paid = teacher.model.teacher.queries
-    again = fsbbt_task(config.stages[0], task, teacher, config, "cpu")  # a resume: the stored set, no query
-    assert teacher.model.teacher.queries == paid and again.counts == data.counts
+    again = source.build(config.stages[0], task, teacher, config, "cpu")  # a resume: the stored set, no query
+    assert teacher.model.teacher.queries == paid and again.info["counts"] == data.info["counts"]
 
     student = load_model(str(student_dir), task).model.eval()
     step = SoftLabelStep(ModelAdapter(student))

@@ -221,7 +221,7 @@ def test_exactly_one_teacher_and_labelled_data(tmp_path):
     tree = _digits_tree(tmp_path)
     check_stages(validate_config(tree))  # the plain stage passes
     two = {**tree, "teachers": {"t2": {"model": "vision:resnet8"}}}
-    with pytest.raises(KDForgeError, match=r"needs exactly one teacher \(got teacher, t2\).*stages\.0\.teachers"):
+    with pytest.raises(KDForgeError, match=r"needs exactly 1 teacher role \(got teacher, t2\).*stages\.0\.teachers"):
         check_stages(validate_config(two))
     check_stages(validate_config({**two, "stages": [{**tree["stages"][0], "teachers": ["t2"]}]}))
     ptp_first = {**tree, "stages": [{**tree["stages"][0], "name": "ptp", "data": "ptp"},

@@ -11,8 +11,9 @@ from kdforge import jobs
 from kdforge.config import CorpusConfig, validate_config
 from kdforge.errors import KDForgeError
 from kdforge.models.heads import head_size, replace_head
+from kdforge.recipes.catalog import check_stages
 from kdforge.recipes.ptp import ptp_labels
-from kdforge.tasks.corpus import corpus_texts
+from kdforge.tasks.passages import corpus_texts
 from tests.helpers import Killed, kill_at, tiny_bert
 
 
@@ -49,16 +50,70 @@ def test_corpus_texts_dedupes_samples_and_reads_files(tmp_path):
 
 
 def test_stage_config_errors(job_tree):
+    check = lambda tree: check_stages(validate_config(tree))  # noqa: E731
     tree = dict(job_tree, stages=[{"name": "a", "data": "ptp", "objectives": [{"name": "ce"}]}])
     with pytest.raises(KDForgeError, match="last stage must learn the task"):
-        validate_config(tree)
+        check(tree)
     tree = dict(job_tree, stages=[{"name": "a", "objectives": [{"name": "ce"}], "train": {"epochz": 1}}])
     with pytest.raises(KDForgeError, match="stages.0.train.epochz: this config key does not exist"):
         validate_config(tree)
     tree = dict(job_tree, stages=[{"name": "a", "data": "corpus", "objectives": [{"name": "ce"}]},
                                   {"name": "b", "objectives": [{"name": "ce"}]}])
     with pytest.raises(KDForgeError, match="corpus"):
-        validate_config(tree)
+        check(tree)
+    tree["stages"][1]["augment"] = {"copies": 1}
+    tree["stages"][0] = {**tree["stages"][0], "corpus": {"files": ["x.txt"]}, "augment": {"copies": 1}}
+    with pytest.raises(KDForgeError, match=r"stages\.0\.augment: .*`data: corpus` does not give the task's own"):
+        check(tree)
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"data": "ptp", "ptp": {"t3": 0.5}}, r"^data source 'ptp' \(stages\.0\.ptp\): `t3`: this config key does not "
+                                          r"exist; fix it"),
+    ({"data": "ptp", "ptp": {"t1": 2}}, r"^data source 'ptp' \(stages\.0\.ptp\): `t1`: Input should be less"),
+    ({"data": "ptp", "ptp": {"t1": "inf"}}, r"`stages\.0\.ptp\.t1` is inf"),
+    ({"data": "corpus", "corpus": {"files": []}}, r"\(stages\.0\.corpus\): give corpus\.glue"),
+    ({"data": "task", "ptp": {"t1": 0.5}}, r"^config: `stages\.0\.ptp`: this config key does not exist \(beside "
+                                          r"the stage's keys only its data source's parameters.*`ptp:` goes with "
+                                          r"`data: ptp`"),
+    ({"data": "ptp", "agument": {}}, r"`stages\.0\.agument`: this config key does not exist"),
+    ({"data": "nope"}, r"unknown data source 'nope' \(config key `stages\.0\.data`\); known: .*corpus, fsbbt, ptp"),
+])
+def test_a_data_source_validates_its_own_parameters(job_tree, stage, message):
+    """`data: NAME` with its parameters under `NAME:`; each source validates them: one line naming the key."""
+    tree = dict(job_tree, stages=[{"name": "a", "objectives": [{"name": "ce"}], **stage},
+                                  {"name": "b", "objectives": [{"name": "ce"}]}])
+    with pytest.raises(KDForgeError, match=message) as err:
+        check_stages(validate_config(tree))
+    assert "\n" not in str(err.value)
+
+
+def test_a_data_source_builds_stage_data_that_names_no_source(job_tree, tmp_path):
+    """The sources build one StageData each: datasets, collator, what the batches carry."""
+    from kdforge.models.loading import load_model
+    from kdforge.recipes.catalog import data_source_for
+    from kdforge.tasks.base import build_task
+
+    (tmp_path / "c.txt").write_text("one passage\nanother passage\n")
+    tree = dict(job_tree, teacher={"model": job_tree["teacher"]["model"]}, stages=[
+        {"name": "c", "data": "corpus", "corpus": {"files": [str(tmp_path / "c.txt")], "max_length": 8},
+         "objectives": [{"name": "ce"}]},
+        {"name": "p", "data": "ptp", "ptp": {"t1": 0.5}, "objectives": [{"name": "ce"}]},
+        {"name": "t", "objectives": [{"name": "ce"}]}])
+    config = validate_config(tree)
+    check_stages(config)
+    task = build_task(config.task)
+    teacher = load_model(config.teacher.model, task)
+    corpus, ptp, plain = (data_source_for(stage, i).build(stage, task, teacher, config, "cpu")
+                          for i, stage in enumerate(config.stages))
+    assert corpus.carries == frozenset() and corpus.selection is None and corpus.num_labels is None
+    assert [e["text_a"] for e in corpus.train] == ["one passage", "another passage"]
+    assert corpus.collator(teacher.tokenizer, train=True)(list(corpus.train))["input_ids"].shape[1] <= 8
+    assert ptp.carries == {"labels"} and ptp.num_labels == 4 and ptp.info["thresholds"][0] == 0.5
+    assert {e["label"] for e in ptp.train} <= {0, 1, 2, 3} and ptp.main_metric == "accuracy"
+    assert plain.carries == {"labels", "gold_labels"} and plain.num_labels == 2 and plain.scorer is task
+    assert plain.fingerprint == task.fingerprint() and ptp.fingerprint.startswith(task.fingerprint() + "-ptp-0.5")
+    assert data_source_for(config.stages[0], 0).texts() == ["one passage", "another passage"]
 
 
 

@@ -8,6 +8,9 @@
         {"name": "ce", "weight": 0.5}, {"name": "hinton_kd", "weight": 0.5, "temperature": 4}])
     distiller.fit(train_loader, eval_loader, epochs=3)
     distiller.evaluate(eval_loader)            # {"accuracy": ...}
+
+    kdforge.Distiller({"a": t1, "b": t2}, student, objectives=["ce"], strategy="multi_teacher",
+                      strategy_params={"weighting": "average"})   # any registered strategy, by name
 """
 
 from __future__ import annotations
@@ -18,14 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
 from kdforge import jobs
 from kdforge.config import (
+    PRIMARY_TEACHER,
+    STUDENT,
     JobConfig,
     ObjectiveConfig,
+    StageConfig,
+    TaskConfig,
+    TeacherConfig,
     TrainConfig,
     apply_overrides,
     format_validation_error,
@@ -33,14 +42,15 @@ from kdforge.config import (
     validate_config,
 )
 from kdforge.engine.predict import predict
-from kdforge.engine.trainer import Trainer, TrainState, make_accelerator, seed_everything
+from kdforge.engine.step import TrainStep
+from kdforge.engine.trainer import Trainer, TrainState, check_parts, make_accelerator, seed_everything
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
-from kdforge.objectives.base import Objective, build_objective
-from kdforge.objectives.composite import WeightedLoss, bind_role, unique_names
-from kdforge.objectives.schedules import make_schedule
-from kdforge.recipes.offline import OfflineStep
-from kdforge.recipes.teacher_sources import LiveTeacher
+from kdforge.models.loading import LoadedModel
+from kdforge.objectives.base import Objective
+from kdforge.objectives.composite import Term, WeightedLoss
+from kdforge.recipes.base import StageContext, StageData, Strategy
+from kdforge.recipes.catalog import strategy_for
 from kdforge.tasks.metrics import accuracy
 
 
@@ -94,28 +104,26 @@ def evaluate(run_dir_or_config: str | Path, overrides=None,
 ObjectiveSpec = str | dict[str, Any] | Objective | tuple[Objective, float]
 
 
-def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("teacher",)) -> WeightedLoss:
-    """Objectives from names (``"ce"``), config dicts (``{"name": "hinton_kd", "temperature": 2,
-    "teacher": "t2"}``), or instances (optionally ``(instance, weight)`` or ``(instance, weight, role)``),
-    each term bound to one of the ``teachers`` roles (the only one by default)."""
-    modules, weights, names, roles = [], [], [], []
+def objective_terms(objectives: Sequence[ObjectiveSpec]) -> list[ObjectiveConfig | Term]:
+    """Names (``"ce"``) and config dicts (``{"name": "hinton_kd", "temperature": 2, "teacher": "t2"}``) as
+    validated :class:`ObjectiveConfig`; instances (optionally ``(instance, weight)`` or ``(instance, weight,
+    role)``) as ``(objective, weight, role)`` terms."""
+    terms: list[ObjectiveConfig | Term] = []
     for i, spec in enumerate(objectives):
         if isinstance(spec, str | dict):
             try:
-                cfg = ObjectiveConfig.model_validate({"name": spec} if isinstance(spec, str) else spec)
+                terms.append(ObjectiveConfig.model_validate({"name": spec} if isinstance(spec, str) else spec))
             except ValidationError as err:
                 raise KDForgeError(format_validation_error(err, f"objectives.{i}")) from None
-            objective, weight, name, role = build_objective(cfg, i), cfg.weight, cfg.name, cfg.teacher
         else:
-            objective, weight, role = (*spec, None)[:3] if isinstance(spec, tuple) else (spec, 1.0, None)
-            name = type(objective).__name__.lower()
-        modules.append(objective)
-        weights.append(make_schedule(weight, f"objectives.{i}.weight"))
-        names.append(name)
-        roles.append(role)
-    names = unique_names(names)
-    bound = [bind_role(o, n, r, list(teachers)) for o, n, r in zip(modules, names, roles, strict=True)]
-    return WeightedLoss(modules, weights, names, bound)
+            terms.append((*spec, None)[:3] if isinstance(spec, tuple) else (spec, 1.0, None))
+    return terms
+
+
+def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("teacher",)) -> WeightedLoss:
+    """The loss of :func:`objective_terms`, each term bound to one of the ``teachers`` roles (the only one
+    by default), built like a stage's (:meth:`kdforge.objectives.composite.WeightedLoss.from_config`)."""
+    return WeightedLoss.from_config(objective_terms(objectives), teachers)
 
 
 class _AsBatch:
@@ -139,31 +147,62 @@ def default_metric(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {"accuracy": accuracy(logits.argmax(-1), labels)}
 
 
+def _api_config(stage: StageConfig, train: TrainConfig | None = None) -> JobConfig:
+    """The job a Distiller's stage belongs to: its teacher roles (placeholders: the modules are given), no
+    teacher-output cache (the examples of a DataLoader carry no index to look them up by)."""
+    roles = stage.teachers or []
+    placeholder = TeacherConfig(model="(given to the Distiller)")
+    named = {role: placeholder for role in roles if role != PRIMARY_TEACHER}
+    tree = {"task": TaskConfig(name="(the Distiller's loaders)"), "teachers": named, "stages": [stage],
+            "teacher": placeholder if PRIMARY_TEACHER in roles or not named else None,
+            "teacher_cache": {"enabled": False}, "train": train or TrainConfig()}
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise KDForgeError(format_validation_error(err, "Distiller")) from None
+
+
 class Distiller:
     """Distill ``teacher`` into ``student`` (any ``nn.Module`` or HF model) with your DataLoaders.
 
     Batches may be dicts (HF inputs + ``labels``) or ``(inputs, labels)`` pairs; a plain module is
     called as ``module(inputs)``. Several teachers: a dict of named teachers, each loss term naming
     the one it learns from (``{"name": "hinton_kd", "teacher": "t2"}``); ``train_teachers=True``
-    trains them too (online KD).
+    trains them too (online KD through the loss, strategy offline).
+
+    ``strategy``: any registered strategy by name (``kdforge list``), with ``strategy_params`` as under
+    a stage's ``strategy:``; the step is built as a job's stage builds it (on the first :meth:`fit`, when
+    the data is known), its teachers run live. Strategies that read the job's task or its config checks
+    (``amal``, ``sokd``) run from a config (:func:`distill`).
     """
 
     def __init__(self, teacher: nn.Module | Mapping[str, nn.Module] | None, student: nn.Module,
                  objectives: Sequence[ObjectiveSpec] = ({"name": "ce", "weight": 0.5},
                                                         {"name": "hinton_kd", "weight": 0.5}),
                  output_dir: str | Path = "runs/api", metric: Metric = default_metric,
-                 main_metric: str = "accuracy", train_teachers: bool = False, hook_paths: Sequence[str] = ()):
+                 main_metric: str = "accuracy", train_teachers: bool = False, hook_paths: Sequence[str] = (),
+                 strategy: str = "offline", strategy_params: Mapping[str, Any] | None = None):
         if isinstance(teacher, list | tuple):
             raise KDForgeError("several teachers are given by name: pass a dict {name: module} and name each "
                                "term's teacher ({'name': 'hinton_kd', 'teacher': NAME})")
-        teachers = dict(teacher) if isinstance(teacher, Mapping) else {} if teacher is None else {"teacher": teacher}
-        loss = build_loss(objectives, list(teachers))
-        s_hooks, t_hooks = loss.setup(student, teachers)
-        wrap = lambda m, paths, needs: ModelAdapter(m, [*hook_paths, *paths], "hidden_states" in needs,
-                                                    "attentions" in needs)
-        sources = {role: LiveTeacher(wrap(teachers[role], t_hooks[role], loss.requires(role)), train_teachers)
-                   for role in loss.teacher_roles}
-        self.module = OfflineStep(wrap(student, s_hooks, loss.requires()), loss, sources, train_teachers)
+        self.teachers = dict(teacher) if isinstance(teacher, Mapping) else {} if teacher is None else \
+            {PRIMARY_TEACHER: teacher}
+        self.stage = StageConfig(name="distill", teachers=list(self.teachers), objectives=[], teacher_source="live",
+                                 strategy={"name": strategy, **(strategy_params or {})})
+        self.strategy: Strategy = strategy_for(self.stage, 0)
+        if train_teachers and strategy != "offline":
+            raise KDForgeError(f"train_teachers=True trains the teachers through the loss of strategy offline; "
+                               f"strategy {strategy} trains or freezes its teachers itself")
+        config = _api_config(self.stage)
+        self.strategy.check_roles(config, self.stage, 0)
+        self._rng = torch.get_rng_state()  # the step is built on the first fit, from the RNG state of now
+        self.terms = objective_terms(objectives)
+        WeightedLoss.from_config(self.terms, self.strategy.term_roles(config, self.stage))  # every term binds
+        self._student = student
+        self.hook_paths = list(hook_paths)
+        self.train_teachers = train_teachers
+        self.module: TrainStep | None = None  # the strategy's step, built by the first fit
+        self._data: tuple[Any, Any, Callable] | None = None  # (loader's dataset, training data, collate) of the step
         self.output_dir = Path(output_dir)
         self.metric = metric
         self.main_metric = main_metric
@@ -171,23 +210,54 @@ class Distiller:
 
     @property
     def student(self) -> nn.Module:
-        return self.module.learner.model
+        return self._student
+
+    def _build(self, train_loader: DataLoader, eval_loader: DataLoader | None, config: TrainConfig,
+               device) -> TrainStep:
+        """The strategy's step over the given data, as a job's stage runner builds it."""
+
+        def collator(tokenizer: Any = None, train: bool = False) -> Callable:
+            loader = eval_loader if eval_loader is not None and not train else train_loader
+            return _AsBatch(loader.collate_fn)
+
+        data = StageData("DataLoader", train_loader.dataset, collator, "", frozenset({"labels"}),
+                         selection=None if eval_loader is None else eval_loader.dataset,
+                         selection_split="the evaluation loader")
+        ctx = StageContext(_api_config(self.stage, config), self.stage, 0, data, STUDENT, LoadedModel(self._student),
+                           {role: LoadedModel(model) for role, model in self.teachers.items()}, data.train,
+                           collator(train=True), device, terms=self.terms, hook_paths=self.hook_paths,
+                           train_teachers=self.train_teachers)
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            step = self.strategy.build(ctx)
+        step.learner_role = step.learner_role or STUDENT
+        self._data = (train_loader.dataset, ctx.train_data, ctx.collate)
+        return step
 
     def fit(self, train_loader: DataLoader, eval_loader: DataLoader | None = None, resume: bool = False,
             callbacks=(), **train_settings: Any) -> TrainState:
         """Train; ``train_settings`` are :class:`kdforge.config.TrainConfig` fields (epochs, lr...)."""
         config = TrainConfig(batch_size=train_loader.batch_size or 1, **train_settings)
-        seed_everything(config.seed)
         accelerator = make_accelerator(config)
+        if self.module is None:
+            self.module = self._build(train_loader, eval_loader, config, accelerator.device)
+        check_parts(config.lr_by_role, self.module.parts(), "the Distiller's step")
+        built_for, train_data, collate = self._data
+        if train_loader.dataset is not built_for:
+            train_data, collate = train_loader.dataset, _AsBatch(train_loader.collate_fn)
+        seed_everything(config.seed)
         evaluate = None
         if eval_loader is not None:
             evaluate = lambda adapter: self._score(adapter, eval_loader, accelerator.device)
-        trainer = Trainer(self.module, train_loader.dataset, _AsBatch(train_loader.collate_fn), config,
-                          self.output_dir, evaluate, self.main_metric if evaluate else None,
-                          callbacks=callbacks, accelerator=accelerator, desc="distill")
+        trainer = Trainer(self.module, train_data, collate, config, self.output_dir, evaluate,
+                          self.main_metric if evaluate else None, callbacks=callbacks, accelerator=accelerator,
+                          desc="distill")
         self.state = trainer.fit(resume=resume)
         trainer.remove_checkpoints()
         return self.state
+
+    def _learner(self) -> nn.Module:
+        return self.module.learner if self.module is not None else ModelAdapter(self._student)
 
     def _score(self, adapter: nn.Module, loader: DataLoader, device) -> dict[str, float]:
         logits, labels = predict(adapter, loader.dataset, _AsBatch(loader.collate_fn),
@@ -196,8 +266,8 @@ class Distiller:
 
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
         device = next(self.student.parameters()).device
-        return self._score(self.module.learner, loader, device)
+        return self._score(self._learner(), loader, device)
 
     def predict(self, loader: DataLoader) -> np.ndarray:
-        return predict(self.module.learner, loader.dataset, _AsBatch(loader.collate_fn),
+        return predict(self._learner(), loader.dataset, _AsBatch(loader.collate_fn),
                        loader.batch_size or 64, next(self.student.parameters()).device)[0]

@@ -110,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
         from kdforge.models.vision_nets import VISION_NETS
         from kdforge.objectives.base import OBJECTIVES
         from kdforge.recipes.base import DATA_SOURCES, STRATEGIES
-        from kdforge.recipes.catalog import check_stages  # noqa: F401  (fills the recipe registries)
+        from kdforge.recipes.catalog import load_recipes
         from kdforge.tasks.base import TASKS
+
+        load_recipes()
 
         for title, reg in (("tasks", TASKS), ("objectives", OBJECTIVES), ("strategies", STRATEGIES),
                            ("stage data", DATA_SOURCES), ("vision nets", VISION_NETS)):

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from kdforge.errors import KDForgeError
 
@@ -192,6 +193,10 @@ class TrainConfig(Strict):
     epochs: PositiveInt = 3
     batch_size: PositiveInt = 32
     lr: PositiveFloat = 5e-5
+    lr_by_role: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="learning rates of their own for parts of a stage, by name: the "
+        "learner's role, a teacher role trained with it (online KD), `bridge` (sokd) or a loss term's name (its "
+        "own parameters, e.g. a projection); the rest train at `lr` (same warm-up and decay)")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: PositiveInt = 1
@@ -300,14 +305,6 @@ class SearchConfig(Strict):
                                      "and retried by the next worker")
 
 
-class PTPConfig(Strict):
-    """Pea-KD's teacher-prediction labels: thresholds on the teacher's max probability for correct
-    (t1) and wrong (t2) predictions; default: the median confidence of each group."""
-
-    t1: float | None = Field(None, gt=0, le=1)
-    t2: float | None = Field(None, gt=0, le=1)
-
-
 class AugmentConfig(Strict):
     """TinyBERT data augmentation of a task stage's training text (kdforge.augment)."""
 
@@ -317,40 +314,9 @@ class AugmentConfig(Strict):
     seed: int = 0
 
 
-class FSBBTConfig(Strict):
-    """FS-BBT (Nguyen et al., ECCV 2022, black-box few-shot KD; ``data: fsbbt``): the task's few training
-    inputs (labels ignored; ``task.train_limit`` sets how many) grown into a synthetic set that the
-    black-box teacher labels once. Images: the originals, a MixUp pool of ``copies`` x N pairs (pairs with
-    lambda <= threshold or >= 1 - threshold dropped) and CVAE images (as many as the pool dropped).
-    Text: the originals and ``augment.copies`` TinyBERT variants of each. Defaults: the authors' code
-    (kdforge.fsbbt.mixup, kdforge.fsbbt.cvae)."""
-
-    mixup: bool = Field(True, description="images: the MixUp pool; text: the TinyBERT-augmented copies")
-    cvae: bool = Field(True, description="images: CVAE images (trained on the originals with the teacher's "
-                       "argmax labels); text: not used")
-    copies: PositiveInt = Field(20, description="MixUp pairs per original image (paper: 20 on CIFAR-10)")
-    mixup_alpha: PositiveFloat = Field(1.0, description="lambda ~ Beta(alpha, alpha) of the pool (paper: 1)")
-    threshold: float = Field(0.05, ge=0, lt=0.5, description="pairs with lambda <= threshold or >= 1 - threshold "
-                             "are dropped (rounded to 2 decimals; paper: 0.05)")
-    synthetic: NonNegativeInt | None = Field(None, description="CVAE images; default: as many as the MixUp pool "
-                                             "dropped, or copies x N without the pool")
-    cvae_epochs: PositiveInt = Field(600, description="paper: 600 on CIFAR-10")
-    cvae_batch_size: PositiveInt = 64
-    cvae_lr: PositiveFloat = 1e-3
-    latent_dim: PositiveInt = Field(2, description="paper: 2")
-    batch_mixup: bool = Field(True, description="soft_labels strategy: mixup of each image batch (inputs and "
-                              "targets); off for text")
-    batch_mixup_alpha: PositiveFloat = Field(1.0, description="lambda_i ~ Beta(alpha, alpha) per sample (paper: 1)")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="text: the TinyBERT augmentation, "
-                                   "over the student's input embeddings")
-    seed: int = 0
-
-
 class StrategyConfig(BaseModel):
-    """Who learns from whom in a stage: a strategy registered by name in ``kdforge.recipes``
-    (``offline``, ``multi_teacher``, ``assistant_ensemble``, ``ces_kd``, ``dml``, ``bdkd_online``, ``sokd``,
-    ``amal``, ``soft_labels``), with its own parameters,
-    which the strategy validates itself."""
+    """Who learns from whom in a stage: a strategy registered by name in ``kdforge.recipes`` (``kdforge
+    list`` prints them), with its own parameters, which the strategy validates itself."""
 
     model_config = ConfigDict(extra="allow")
     name: str = "offline"
@@ -362,12 +328,13 @@ class StrategyConfig(BaseModel):
 
 class StageConfig(Strict):
     """One step of a recipe: its data source, its roles (who learns, who teaches), its strategy and
-    loss terms, training overrides and head."""
+    loss terms, training overrides and head. The data source's own parameters go under a key named like
+    it (``data: corpus`` with ``corpus: {files: [...]}``); the source validates them itself."""
 
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    data: Literal["task", "ptp", "corpus", "fsbbt"] = Field(
-        "task", description="task: the task's labelled data; ptp: teacher-prediction labels (Pea-KD); corpus: "
-        "unlabeled text; fsbbt: the few training inputs grown and labelled by a black-box teacher (FS-BBT)")
+    data: str = Field("task", description="the data source, registered by name in kdforge.recipes (`kdforge list` "
+                      "prints them); default: the task's labelled data")
     learner: str = Field("student", description="the role trained in this stage: `student` or an assistant")
     teachers: list[str] | None = Field(None, description="the roles it learns from (teachers, assistants "
                                        "trained in earlier stages); default: every teacher of the job")
@@ -375,21 +342,27 @@ class StageConfig(Strict):
     teacher_source: Literal["auto", "live", "cache"] = Field(
         "auto", description="where frozen teachers' outputs come from: cache = computed once and stored "
         "(kdforge.cache), live = every step, auto = the cache where it is exact")
-    corpus: CorpusConfig | None = None
-    ptp: PTPConfig = Field(default_factory=PTPConfig)
-    fsbbt: FSBBTConfig = Field(default_factory=FSBBTConfig, description="`data: fsbbt`: the synthetic set")
     objectives: list[ObjectiveConfig]
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the job's train section")
     head: Literal["keep", "reinit"] = Field("keep", description="reinit: a fresh classification head first")
     augment: AugmentConfig | None = Field(None, description="TinyBERT data augmentation of the training text")
 
     @model_validator(mode="after")
-    def _corpus_given(self) -> StageConfig:
-        if (self.data == "corpus") != (self.corpus is not None):
-            raise ValueError("set `corpus:` exactly when `data: corpus`")
-        if self.augment is not None and self.data != "task":
-            raise ValueError("`augment` applies to task stages (`data: task`)")
+    def _only_the_data_source_params(self) -> StageConfig:
+        for key, value in (self.model_extra or {}).items():
+            if key != self.data:
+                raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(
+                    type=PydanticCustomError("extra_key", "this config key does not exist (beside the stage's keys "
+                                             "only its data source's parameters, under the source's name: `{key}:` "
+                                             "goes with `data: {key}`)", {"key": key}),
+                    loc=(key,), input=value)])
         return self
+
+    @property
+    def data_params(self) -> dict[str, Any]:
+        """The parameters of the stage's data source (its key named like the source), not validated here."""
+        value = (self.model_extra or {}).get(self.data)
+        return dict(value) if isinstance(value, dict) else {} if value is None else value
 
 
 def _default_objectives() -> list[ObjectiveConfig]:
@@ -455,16 +428,9 @@ class JobConfig(Strict):
         names = [s.name for s in self.stages or []]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique (got {names})")
-        if self.stages and self.stages[-1].data not in ("task", "fsbbt"):
-            raise ValueError("the last stage must learn the task itself (`data: task` or `fsbbt`): the student is "
-                             "exported and evaluated on the task after it")
         for i, stage in enumerate(self.all_stages()):
             roles = self.stage_teachers(stage)
             first = self.teacher_configs().get(roles[0]) if roles else None
-            if stage.data == "fsbbt" and (first is None or first.black_box is None):
-                raise ValueError(f"stages.{i}: `data: fsbbt` is labelled by a black-box teacher, but the stage's first "
-                                 f"teacher ({roles[0] if roles else 'none'}) is not one; give it a `black_box:` "
-                                 "section (url, file or callable)")
             if stage.augment is not None and first is not None and first.black_box is not None:
                 raise ValueError(f"stages.{i}.augment: the TinyBERT augmentation reads the teacher's embeddings, "
                                  "which a black-box teacher does not show; use `data: fsbbt` (it augments with the "
@@ -578,6 +544,8 @@ def _opens_free_form(path: tuple) -> bool:
     """Whether the value at ``path`` holds settings that pydantic does not type here (objective and
     strategy parameters, ``student.config``), so a string such as "inf" would pass as a number later."""
     last = path[-1] if path else None
+    if len(path) == 3 and path[0] == "stages" and last not in StageConfig.model_fields:
+        return True  # a data source's parameters
     return last in ("objectives", "strategy") or (
         last == "config" and len(path) >= 2 and (path[-2] == "student" or path[:-2][-1:] == ("assistants",)))
 

@@ -106,12 +106,13 @@ def _meta_model(hf_config, causal: bool):
 
 def _lengths(config: JobConfig, command: str) -> list[tuple[str, int]]:
     """The input lengths (config key, tokens) the job will feed its text models."""
+    from kdforge.recipes.catalog import data_source_for
+
     found = [("task.max_length", config.task.max_length)]
     if config.task.corpus is not None:
         found.append(("task.corpus.max_length", config.task.corpus.max_length))
     for i, stage in enumerate(config.stages or []):
-        if stage.corpus is not None:
-            found.append((f"stages.{i}.corpus.max_length", stage.corpus.max_length))
+        found += [(f"stages.{i}.{stage.data}.{key}", n) for key, n in data_source_for(stage, i).input_lengths().items()]
     if command == "distill":
         found.append(("eval.latency_seq_len", config.eval.latency_seq_len))
     return found

@@ -12,6 +12,7 @@ Contract::
     step.after_step(progress)               # after each optimizer step (EMA, schedules, ...)
     step.learner                            # the model evaluated and kept (a ModelAdapter)
     step.checkpoint_state()                 # what a checkpoint stores (frozen parts left out)
+    step.parts()                            # trainable parts by name: each may get its own learning rate
 
 Every trainable parameter of the step (the learner's, those owned by loss terms, a peer's) is
 trained by the engine's optimizer; modules named in ``frozen`` are rebuilt from their source, not
@@ -32,6 +33,8 @@ class TrainStep(nn.Module):
     """Base class of training steps. Subclasses set ``learner`` and implement ``forward``."""
 
     learner: nn.Module
+    #: the name the learner goes by in :meth:`parts` (the stage runner sets its role); None: not named
+    learner_role: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +57,11 @@ class TrainStep(nn.Module):
 
     def after_step(self, progress: Progress) -> None:
         """Called after every optimizer step."""
+
+    def parts(self) -> dict[str, nn.Module]:
+        """Trainable parts by name (the learner's role, a peer's role, a bridge, a loss term's name), for
+        ``train.lr_by_role``: a part named there is optimised at its own learning rate. Default: the learner."""
+        return {self.learner_role: self.learner} if self.learner_role is not None else {}
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Everything that trains (frozen models are rebuilt from their source, not checkpointed)."""

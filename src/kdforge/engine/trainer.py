@@ -34,7 +34,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,13 +87,32 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and normalisation weights."""
-    decay, no_decay = [], []
+def param_groups(module: torch.nn.Module, weight_decay: float, lr_by_part: Mapping[str, float] | None = None,
+                 parts: Mapping[str, torch.nn.Module] | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights. The parameters of each of
+    ``parts`` named in ``lr_by_part`` form groups of their own with that learning rate (after the
+    default groups, which keep the optimizer's)."""
+    own = {id(p): name for name, part in (parts or {}).items() if name in (lr_by_part or {})
+           for p in part.parameters()}
+    groups: dict[str | None, tuple[list, list]] = {None: ([], [])}
     for name, p in module.named_parameters():
         if p.requires_grad:
+            decay, no_decay = groups.setdefault(own.get(id(p)), ([], []))
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    out = []
+    for part, (decay, no_decay) in groups.items():
+        lr = {} if part is None else {"lr": lr_by_part[part]}
+        out += [{"params": decay, "weight_decay": weight_decay, **lr}, {"params": no_decay, "weight_decay": 0.0, **lr}]
+    return out
+
+
+def check_parts(lr_by_part: Mapping[str, float], parts: Mapping[str, torch.nn.Module], desc: str) -> None:
+    """Every name of ``train.lr_by_role`` is a trainable part of the step (one line naming it, else)."""
+    unknown = [name for name in lr_by_part if name not in parts]
+    if unknown:
+        raise KDForgeError(f"train.lr_by_role: {unknown[0]!r} is not a trained part of {desc} (its parts: "
+                           f"{', '.join(parts) or 'none'}); give the stage's own rates in its `train:` overrides "
+                           "(stages.N.train.lr_by_role)")
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -139,7 +158,8 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
-        optimizer = torch.optim.AdamW(param_groups(step, config.weight_decay), lr=config.lr)
+        optimizer = torch.optim.AdamW(param_groups(step, config.weight_decay, config.lr_by_role, step.parts()),
+                                      lr=config.lr)
         self.scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * self.total_steps),
                                              self.total_steps)
         self.model, self.optimizer = acc.prepare(step, optimizer)

@@ -49,6 +49,14 @@ class Objective(nn.Module):
         """Called once the models are known, before the optimizer is built: create parameters sized
         to the models here (a projection from the student's width to the teacher's)."""
 
+    @property
+    def teacher_temperature(self) -> float | None:
+        """The temperature at which the term reads its teacher's logits when it is one fixed number (the
+        teacher-output cache fits its top-k tail there); None: none known (no temperature, a schedule).
+        Default: the term's ``temperature`` parameter."""
+        value = getattr(self.params, "temperature", None)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
     def hook_paths(self, student: nn.Module, teacher: nn.Module | None) -> tuple[list[str], list[str]]:
         """Module paths whose outputs this term reads from ``Outputs.features``: (student, teacher)."""
         return [], []

@@ -20,6 +20,10 @@ from kdforge.objectives.base import Objective, build_objective
 from kdforge.objectives.schedules import Schedule, make_schedule
 from kdforge.progress import Progress
 
+#: an objective built already, with its weight (a number, a schedule mapping or a callable) and the role
+#: it learns from (None: the stage's only teacher)
+Term = tuple[Objective, Any, str | None]
+
 
 def bind_role(objective: Objective, name: str, role: str | None, teachers: Sequence[str]) -> str | None:
     """The role ``objective`` learns from: ``role`` if given, else the only teacher; None for terms
@@ -53,14 +57,24 @@ class WeightedLoss(nn.Module):
             [("teacher" if o.uses_teacher else None) for o in objectives]
 
     @classmethod
-    def from_config(cls, configs: Sequence[ObjectiveConfig], teachers: Sequence[str] = ("teacher",)) -> WeightedLoss:
-        """Build and bind the terms of ``configs`` to the roles in ``teachers`` (the stage's teachers)."""
-        objectives = [build_objective(c, i) for i, c in enumerate(configs)]
-        for i, (objective, c) in enumerate(zip(objectives, configs, strict=True)):
-            check_weight_sign(type(objective), c.name, c.weight, f"objectives.{i}.weight")
-        weights = [make_schedule(c.weight, f"objectives.{i}.weight") for i, c in enumerate(configs)]
-        names = unique_names([c.name for c in configs])
-        roles = [bind_role(o, n, c.teacher, list(teachers)) for o, n, c in zip(objectives, names, configs, strict=True)]
+    def from_config(cls, configs: Sequence[ObjectiveConfig | Term],
+                    teachers: Sequence[str] = ("teacher",)) -> WeightedLoss:
+        """Build and bind the terms of ``configs`` to the roles in ``teachers`` (the stage's teachers). A term
+        is an :class:`ObjectiveConfig`, or an objective built already as ``(objective, weight, role)`` (the
+        Python API; its name is its class name in lower case)."""
+        objectives, weights, names, roles = [], [], [], []
+        for i, c in enumerate(configs):
+            if isinstance(c, ObjectiveConfig):
+                objective, weight, name, role = build_objective(c, i), c.weight, c.name, c.teacher
+            else:
+                (objective, weight, role), name = c, type(c[0]).__name__.lower()
+            check_weight_sign(type(objective), name, weight, f"objectives.{i}.weight")
+            objectives.append(objective)
+            weights.append(make_schedule(weight, f"objectives.{i}.weight"))
+            names.append(name)
+            roles.append(role)
+        names = unique_names(names)
+        roles = [bind_role(o, n, r, list(teachers)) for o, n, r in zip(objectives, names, roles, strict=True)]
         return cls(objectives, weights, names, roles)
 
     @property
@@ -74,6 +88,11 @@ class WeightedLoss(nn.Module):
 
     def terms_of(self, role: str) -> list[Objective]:
         return [o for o, r in zip(self.objectives, self.roles, strict=True) if r == role]
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The terms that own trainable parameters (a projection, a learned temperature), by name."""
+        return {name: o for name, o in zip(self.names, self.objectives, strict=True)
+                if any(p.requires_grad for p in o.parameters())}
 
     def setup(self, student: nn.Module, teachers: Mapping[str, nn.Module]) -> tuple[list[str], dict[str, list[str]]]:
         """Let every term size itself to the student and its own teacher; returns the student's hook
@@ -125,7 +144,7 @@ def check_weight_sign(objective: type[Objective], name: str, weight: Any, where:
     """A negative weight turns a loss to minimise into one to maximise; refuse it unless the term
     documents that it allows one (``Objective.allows_negative_weight``)."""
     negative = [v for v in weight_numbers(weight) if v < 0]
-    if negative and not objective.allows_negative_weight:
+    if negative and not getattr(objective, "allows_negative_weight", False):
         raise KDForgeError(f"`{where}` is {negative[0]:g}: objective {name!r} does not allow a negative weight "
                            "(it would maximise the loss); use a weight >= 0")
 

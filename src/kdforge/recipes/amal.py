@@ -99,8 +99,8 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.problems import Problem
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.offline import OfflineStep, check_bindings, learner_adapter
-from kdforge.recipes.teacher_sources import index_examples, teacher_sources
+from kdforge.recipes.offline import OfflineStep, stage_parts
+from kdforge.recipes.teacher_sources import index_examples
 
 #: terms whose value relates the examples of a batch to each other: no per-example value
 BATCH_LEVEL_OBJECTIVES = frozenset({"relation", "contrastive_kd"})
@@ -285,6 +285,7 @@ class AMAL(Strategy):
     stage's objectives, learnt on ``task.validation`` (see the module docstring)."""
 
     Params = AMALParams
+    needs = frozenset({"labels"})  # its meta step scores the student on validation labels
 
     def check(self, config, stage) -> None:
         where = f"stage {stage.name!r}: strategy amal"
@@ -294,9 +295,6 @@ class AMAL(Strategy):
         if config.task.validation is None:
             raise KDForgeError(f"{where} learns its weights on a validation split; set `task.validation` (a fraction "
                                "of the training rows such as 0.1, or a file)")
-        if stage.data == "corpus":
-            raise KDForgeError(f"{where} needs labelled data (its meta step scores the student on validation "
-                               "labels); use `data: task`")
         for i, objective in enumerate(stage.objectives):
             if objective.name in BATCH_LEVEL_OBJECTIVES:
                 raise KDForgeError(f"{where} weights each example's terms, but objective {objective.name!r} "
@@ -309,7 +307,6 @@ class AMAL(Strategy):
             if not 0 <= weight <= self.params.max_weight:
                 raise KDForgeError(f"{where}: `objectives.{i}.weight` {weight:g} is its initial weight, which must "
                                    f"lie in [0, max_weight = {self.params.max_weight:g}] (strategy.max_weight)")
-        check_bindings(stage, config.stage_teachers(stage))
 
     def build(self, ctx: StageContext) -> AMALStep:
         from accelerate import PartialState
@@ -317,16 +314,13 @@ class AMAL(Strategy):
         if PartialState().num_processes > 1:
             raise KDForgeError("strategy amal runs in one process (its look-ahead needs double back-propagation, "
                                "which DDP does not support); launch without accelerate launch / torchrun")
-        val_loss = task_loss(ctx.data.problem)
-        loss = ctx.loss()
-        s_paths, t_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
-        sources = teacher_sources(ctx, loss, t_paths)
+        val_loss = task_loss(ctx.job_task.problem)
+        parts = stage_parts(ctx)
         index_examples(ctx)
         train = ctx.config.stage_train(ctx.stage)
         p = self.params
-        validation = ValidationBatches(ctx.data.split("validation"),
-                                       ctx.data.collator(ctx.learner.tokenizer, train=False),
+        validation = ValidationBatches(ctx.data.selection, ctx.data.collator(ctx.learner.tokenizer, train=False),
                                        p.val_batch_size or train.batch_size, train.seed + ctx.index)
-        return AMALStep(learner_adapter(ctx, loss, s_paths), loss, sources, initial_weights(ctx.stage),
+        return AMALStep(parts.learner, parts.loss, parts.teachers, initial_weights(ctx.stage),
                         len(ctx.train_data), validation, val_loss, p,
                         p.virtual_lr if p.virtual_lr is not None else train.lr)

@@ -41,8 +41,8 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.offline import OfflineStep, check_bindings, learner_adapter
-from kdforge.recipes.teacher_sources import bound_temperature, teacher_sources
+from kdforge.recipes.offline import OfflineStep, stage_parts
+from kdforge.recipes.teacher_sources import bound_temperature
 
 log = logging.getLogger("kdforge")
 
@@ -239,21 +239,20 @@ class AssistantEnsemble(Strategy):
 
     Params = EnsembleParams
     ROLE = "ensemble"
+    teacher_count = (2, None)
+    needs = frozenset({"labels"})  # the weights are fitted on the labels of the selection split
 
-    def check(self, config, stage) -> None:
-        if len(config.stage_teachers(stage)) < 2:
-            raise KDForgeError(f"stage {stage.name!r}: assistant_ensemble needs 2 or more teachers in `teachers:`")
-        check_bindings(stage, [self.ROLE])
+    def term_roles(self, config, stage) -> list[str]:
+        return [self.ROLE]  # the stage's terms learn from the ensemble
 
     def build(self, ctx: StageContext) -> OfflineStep:
         loss = ctx.loss([self.ROLE])
         temperature = bound_temperature(loss, self.ROLE)
         members = list(ctx.teachers)
-        split = ctx.data.selection_split
-        if split == ctx.data.eval_split:
+        split, data = ctx.data.selection_split, ctx.data.selection
+        if ctx.task is not None and split == ctx.task.eval_split:
             log.warning("assistant_ensemble: no validation split (task.validation), so the ensemble weights are "
                         "chosen on the reported split %s and its score is optimistic", split)
-        data = ctx.data.split(split)
         logits, labels = [], None
         for role in members:
             teacher = ctx.teachers[role]
@@ -268,7 +267,7 @@ class AssistantEnsemble(Strategy):
                  ", ".join(f"{r} {w:.3f}" for r, w in zip(members, weights, strict=True)), best, uniform,
                  ", ".join(f"{r} {ensemble_score([z], labels, [1.0], temperature=temperature):.4f}"
                            for r, z in zip(members, logits, strict=True)))
-        s_paths, _ = loss.setup(ctx.learner.model, {self.ROLE: ctx.teachers[members[-1]].model})
-        sources = teacher_sources(ctx, loss, {}, roles=members)
-        ensemble = EnsembleTeacher(sources, weights.tolist(), temperature)
-        return OfflineStep(learner_adapter(ctx, loss, s_paths), loss, {self.ROLE: ensemble})
+        parts = stage_parts(ctx, loss, setup_teachers={self.ROLE: ctx.teachers[members[-1]].model}, roles=members,
+                            temperatures=dict.fromkeys(members, temperature))  # the members are read at T
+        ensemble = EnsembleTeacher(parts.teachers, weights.tolist(), temperature)
+        return OfflineStep(parts.learner, parts.loss, {self.ROLE: ensemble})

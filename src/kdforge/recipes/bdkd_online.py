@@ -116,9 +116,11 @@ class BDKDOnline(Strategy):
 
     Params = BDKDOnlineParams
     trains_teachers = True
+    teacher_count = (1, 1)
+    needs = frozenset({"gold_labels"})  # both models learn the task's labels
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        check_online_stage(config, stage, "bdkd_online", min_peers=1, max_peers=1)
+        check_online_stage(config, stage, "bdkd_online")
 
     def build(self, ctx: StageContext) -> BDKDOnlineStep:
         return BDKDOnlineStep(ctx.learner_role, ctx.adapter(ctx.learner), trainable_peers(ctx), self.params)

@@ -1,44 +1,63 @@
-"""Every registered strategy and data source: importing this module fills the registries of
-``recipes/base.py``. A new strategy file is added to the import list below.
+"""Every registered strategy and data source: :func:`load_recipes` imports every module of
+``kdforge.recipes``, so a new strategy or data source is one file there that registers its class (the
+registries of ``recipes/base.py`` are then the only lists of them).
 
-:func:`check_stages` also refuses, before training, what a black-box teacher cannot do: be trained
-(online strategies) or give an objective anything but its probabilities (hidden states, attention
-maps, hooked features)."""
+:func:`check_stages` checks every stage before training: its data source and strategy with their
+parameters, the roles and terms every strategy needs (:meth:`Strategy.check_stage`), and what a
+black-box teacher cannot do: be trained (online strategies) or give an objective anything but its
+probabilities (hidden states, attention maps, hooked features)."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
+
+import kdforge.recipes
 from kdforge.config import JobConfig, StageConfig
 from kdforge.errors import KDForgeError
 from kdforge.objectives.base import build_objective, objective_params
-from kdforge.recipes import (  # noqa: F401
-    amal,
-    assistant_ensemble,
-    bdkd_online,
-    ces_kd,
-    data_sources,
-    dml,
-    fsbbt,
-    multi_teacher,
-    offline,
-    sokd,
-)
-from kdforge.recipes.base import DATA_SOURCES, STRATEGIES, Strategy
+from kdforge.recipes.base import DATA_SOURCES, STRATEGIES, DataSource, Strategy
 from kdforge.roles.base import capabilities
+
+
+@functools.cache
+def load_recipes() -> None:
+    """Import every module of ``kdforge.recipes`` (each registers its strategies and data sources)."""
+    for module in pkgutil.iter_modules(kdforge.recipes.__path__):
+        importlib.import_module(f"kdforge.recipes.{module.name}")
 
 
 def strategy_for(stage: StageConfig, index: int) -> Strategy:
     """The stage's strategy with its parameters validated."""
+    load_recipes()
     return STRATEGIES.get(stage.strategy.name, f"stages.{index}.strategy.name").from_config(stage, index)
+
+
+def data_source_for(stage: StageConfig, index: int) -> DataSource:
+    """The stage's data source with its parameters validated."""
+    load_recipes()
+    return DATA_SOURCES.get(stage.data, f"stages.{index}.data").from_config(stage, index)
 
 
 def check_stages(config: JobConfig) -> None:
     """Every stage's data source, strategy, roles and terms, checked before anything trains."""
-    for index, stage in enumerate(config.all_stages()):
-        DATA_SOURCES.get(stage.data, f"stages.{index}.data")
+    stages = config.all_stages()
+    for index, stage in enumerate(stages):
+        source = data_source_for(stage, index)
+        if stage is stages[-1] and not source.learns_task:
+            ends = [name for name in DATA_SOURCES.names() if DATA_SOURCES.get(name).learns_task]
+            raise KDForgeError(f"the last stage must learn the task itself (`data: {' or '.join(ends)}`), not "
+                               f"`data: {stage.data}`: the student is exported and evaluated on the task after it")
+        if stage.augment is not None and "gold_labels" not in source.carries:
+            raise KDForgeError(f"stages.{index}.augment: the TinyBERT augmentation makes variants of labelled task "
+                               f"examples that keep their labels; `data: {stage.data}` does not give the task's own "
+                               "labels (use it with `data: task`)")
+        source.check(config, stage, index)
         for i, objective in enumerate(stage.objectives):
             objective_params(objective, i)
         strategy = strategy_for(stage, index)
-        strategy.check(config, stage)
+        strategy.check_stage(config, stage, index)
         check_black_box_roles(config, stage, strategy)
 
 
@@ -64,4 +83,10 @@ def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strat
 
 
 def strategy_names() -> list[str]:
+    load_recipes()
     return STRATEGIES.names()
+
+
+def data_source_names() -> list[str]:
+    load_recipes()
+    return DATA_SOURCES.names()

@@ -46,8 +46,8 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.offline import OfflineStep, check_bindings, learner_adapter
-from kdforge.recipes.teacher_sources import index_examples, teacher_sources
+from kdforge.recipes.offline import OfflineStep, stage_parts
+from kdforge.recipes.teacher_sources import index_examples
 
 # Slack on floor(level): a level that is an integer up to rounding error belongs to the larger expert.
 _FLOOR_SLACK = 1e-9
@@ -184,12 +184,12 @@ class CESKD(Strategy):
     smallest assistant to the largest teacher (which also judges each sample's difficulty)."""
 
     Params = CESKDParams
+    teacher_count = (2, None)
 
     def check(self, config, stage) -> None:
-        if stage.teachers is None or len(stage.teachers) < 2:
+        if stage.teachers is None:
             raise KDForgeError(f"stage {stage.name!r}: ces_kd needs `teachers:` listing 2 or more experts from the "
                                "smallest assistant to the largest teacher")
-        check_bindings(stage, config.stage_teachers(stage))
 
     def build(self, ctx: StageContext) -> CESKDStep:
         experts = list(ctx.teachers)
@@ -197,10 +197,8 @@ class CESKD(Strategy):
         logits, labels = predict(ModelAdapter(largest.model), ctx.train_data, ctx.data.collator(largest.tokenizer),
                                  ctx.config.eval.batch_size, ctx.device, f"difficulty ({experts[-1]})")
         difficulty = sample_difficulty(torch.as_tensor(logits), torch.as_tensor(labels))
-        loss = ctx.loss()
-        s_paths, t_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
-        sources = teacher_sources(ctx, loss, t_paths, roles=list(dict.fromkeys([*experts, *loss.teacher_roles])))
+        loss, p = ctx.loss(), self.params
+        parts = stage_parts(ctx, loss, roles=list(dict.fromkeys([*experts, *loss.teacher_roles])),
+                            temperatures=dict.fromkeys(experts, p.temperature))  # each expert is read at T
         index_examples(ctx)
-        p = self.params
-        return CESKDStep(learner_adapter(ctx, loss, s_paths), loss, sources, experts, difficulty, p.temperature,
-                         p.kd_weight)
+        return CESKDStep(parts.learner, parts.loss, parts.teachers, experts, difficulty, p.temperature, p.kd_weight)

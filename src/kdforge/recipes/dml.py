@@ -72,10 +72,11 @@ def stage_index(config: JobConfig, stage: StageConfig) -> int:
     return same[0] if same else 0
 
 
-def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min_peers: int,
-                       max_peers: int | None = None) -> list[str]:
+def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str) -> list[str]:
     """The checks every online strategy (learner and teacher roles trained together) makes before
-    training; returns the peer roles. Raises one KDForgeError line naming the config key to fix."""
+    training, besides those of every strategy (the number of peers: ``Strategy.teacher_count``; the
+    task's labels: ``Strategy.needs``); returns the peer roles. Raises one KDForgeError line naming the
+    config key to fix."""
     i = stage_index(config, stage)
     where = f"stage {stage.name!r} (stages.{i})"
     if stage.teacher_source == "cache":
@@ -83,11 +84,6 @@ def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min
                            f"outputs cannot come from the teacher-output cache; set stages.{i}.teacher_source: "
                            "live (or auto)")
     peers = config.stage_teachers(stage)
-    wanted = f"exactly {min_peers}" if max_peers == min_peers else f"{min_peers} or more"
-    if len(peers) < min_peers or (max_peers is not None and len(peers) > max_peers):
-        raise KDForgeError(f"{where}: strategy {strategy} needs {wanted} teacher role(s) trained with the learner "
-                           f"(got {', '.join(peers) or 'none'}); list them in stages.{i}.teachers (a teacher, or an "
-                           "assistant declared under `assistants:`)")
     if stage.objectives:
         raise KDForgeError(f"{where}: strategy {strategy} defines its own loss and ignores `objectives`; set "
                            f"stages.{i}.objectives: [] (and its weights in stages.{i}.strategy)")
@@ -96,9 +92,6 @@ def check_online_stage(config: JobConfig, stage: StageConfig, strategy: str, min
         raise KDForgeError(f"{where}: strategy {strategy} learns class distributions, but task {config.task.name} is "
                            f"a {problem.name} task; use a classification task or another strategy "
                            f"(stages.{i}.strategy)")
-    if stage.data != "task":
-        raise KDForgeError(f"{where}: strategy {strategy} trains every model on the task's labels; set "
-                           f"stages.{i}.data: task")
     if i != len(config.all_stages()) - 1:
         raise KDForgeError(f"{where}: strategy {strategy} must be the recipe's last stage (a finished earlier stage "
                            "keeps only its learner's snapshot, so a resumed run would lose the peers' training); "
@@ -119,7 +112,7 @@ def trainable_peers(ctx: StageContext) -> dict[str, nn.Module]:
     peers: dict[str, nn.Module] = {}
     for role, loaded in ctx.teachers.items():
         model = loaded.model
-        if head_size(model) != ctx.data.num_labels:
+        if ctx.data.num_labels is not None and head_size(model) != ctx.data.num_labels:
             log.info("stage %s: peer %s gets a fresh %d-output head", ctx.stage.name, role, ctx.data.num_labels)
             replace_head(model, ctx.data.num_labels, ctx.data.label_names or None)
         model.requires_grad_(True)  # it may have been frozen as the teacher of an earlier stage
@@ -131,13 +124,17 @@ def trainable_peers(ctx: StageContext) -> dict[str, nn.Module]:
 
 class PeerStep(TrainStep):
     """The learner and its peers, all trainable: ``logits(batch)`` runs every model (the learner
-    first, then the peers in the stage's order) and returns their logits by role."""
+    first, then the peers in the stage's order) and returns their logits by role (and :meth:`parts`:
+    the models by role, for ``train.lr_by_role``)."""
 
     def __init__(self, learner_role: str, learner: ModelAdapter, peers: dict[str, nn.Module]):
         super().__init__()
         self.learner = learner
         self.learner_role = learner_role
         self.peers = nn.ModuleDict(peers)
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {**super().parts(), **self.peers}
 
     def logits(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {self.learner_role: self.learner(batch).logits}
@@ -202,9 +199,11 @@ class DeepMutualLearning(Strategy):
 
     Params = DMLParams
     trains_teachers = True
+    teacher_count = (1, None)
+    needs = frozenset({"gold_labels"})  # every model learns the task's labels
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        check_online_stage(config, stage, "dml", min_peers=1)
+        check_online_stage(config, stage, "dml")
 
     def build(self, ctx: StageContext) -> DMLStep:
         p = self.params

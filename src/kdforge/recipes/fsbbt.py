@@ -40,12 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import Dataset
 
 from kdforge.augment import EmbeddingNeighbours, augment_dataset
 from kdforge.blackbox.protocol import encode_image, encode_text
 from kdforge.blackbox.teacher import BlackBoxModule
-from kdforge.config import STUDENT, FSBBTConfig, JobConfig, StageConfig
+from kdforge.config import STUDENT, AugmentConfig, JobConfig, StageConfig
 from kdforge.engine.step import TrainStep
 from kdforge.errors import KDForgeError
 from kdforge.fsbbt.cvae import generate, train_cvae
@@ -55,7 +56,7 @@ from kdforge.io import atomic_write_bytes
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.progress import Progress
-from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
+from kdforge.recipes.base import DATA_SOURCES, STRATEGIES, DataSource, StageContext, StageData, Strategy
 from kdforge.roles.base import capabilities
 from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import ListDataset, Task
@@ -68,7 +69,38 @@ SYNTHETIC_VERSION = 1
 TRAINING_ONLY = {"batch_mixup", "batch_mixup_alpha"}
 
 
-# ---------------------------------------------------------------------------- the task seen by the stage
+# ---------------------------------------------------------------------------- the stage's data
+
+
+class FSBBTParams(BaseModel):
+    """``fsbbt:`` (FS-BBT, Nguyen et al., ECCV 2022, black-box few-shot KD; ``data: fsbbt``): the task's few training
+    inputs (labels ignored; ``task.train_limit`` sets how many) grown into a synthetic set that the
+    black-box teacher labels once. Images: the originals, a MixUp pool of ``copies`` x N pairs (pairs with
+    lambda <= threshold or >= 1 - threshold dropped) and CVAE images (as many as the pool dropped).
+    Text: the originals and ``augment.copies`` TinyBERT variants of each. Defaults: the authors' code
+    (kdforge.fsbbt.mixup, kdforge.fsbbt.cvae)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    mixup: bool = Field(True, description="images: the MixUp pool; text: the TinyBERT-augmented copies")
+    cvae: bool = Field(True, description="images: CVAE images (trained on the originals with the teacher's "
+                       "argmax labels); text: not used")
+    copies: PositiveInt = Field(20, description="MixUp pairs per original image (paper: 20 on CIFAR-10)")
+    mixup_alpha: PositiveFloat = Field(1.0, description="lambda ~ Beta(alpha, alpha) of the pool (paper: 1)")
+    threshold: float = Field(0.05, ge=0, lt=0.5, description="pairs with lambda <= threshold or >= 1 - threshold "
+                             "are dropped (rounded to 2 decimals; paper: 0.05)")
+    synthetic: NonNegativeInt | None = Field(None, description="CVAE images; default: as many as the MixUp pool "
+                                             "dropped, or copies x N without the pool")
+    cvae_epochs: PositiveInt = Field(600, description="paper: 600 on CIFAR-10")
+    cvae_batch_size: PositiveInt = 64
+    cvae_lr: PositiveFloat = 1e-3
+    latent_dim: PositiveInt = Field(2, description="paper: 2")
+    batch_mixup: bool = Field(True, description="soft_labels strategy: mixup of each image batch (inputs and "
+                              "targets); off for text")
+    batch_mixup_alpha: PositiveFloat = Field(1.0, description="lambda_i ~ Beta(alpha, alpha) per sample (paper: 1)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="text: the TinyBERT augmentation, "
+                                   "over the student's input embeddings")
+    seed: int = 0
 
 
 class WithSoftLabels:
@@ -83,44 +115,10 @@ class WithSoftLabels:
         return batch
 
 
-class FSBBTTask(Task):
-    """``base`` whose training split is the labelled synthetic set (items carry ``soft_labels``); the
-    selection and reported splits are the base task's."""
-
-    def __init__(self, base: Task, train: Dataset, counts: dict[str, int], fingerprint: str):
-        self.validation_file_format = base.validation_file_format
-        super().__init__(base.config)
-        self.base, self.train, self.counts, self._fingerprint = base, train, counts, fingerprint
-        for name in ("modality", "problem_type", "main_metric", "greater_is_better", "eval_split", "in_channels",
-                     "random_train_inputs"):
-            setattr(self, name, getattr(base, name))
-        self.label_names = list(base.label_names)
-
-    def load_split(self, split: str) -> Dataset:
-        return self.train if split == "train" else self.base.load_split(split)
-
-    def split(self, split: str) -> Dataset:
-        return self.train if split == "train" else self.base.split(split)
-
-    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return self.base.compute_metrics(predictions, labels)
-
-    def collator(self, tokenizer: Any = None, train: bool = False):
-        collate = self.base.collator(tokenizer, train)
-        if not train:
-            return collate
-        if self.modality == "image":
-            return SoftLabelCollator(collate.mean, collate.std, augment=collate.augment, hflip=collate.hflip)
-        return WithSoftLabels(collate)
-
-    def fingerprint(self) -> str:
-        return f"{self.base.fingerprint()}-fsbbt-{self._fingerprint}"
-
-
 # ---------------------------------------------------------------------------- building the synthetic set
 
 
-def synthetic_fingerprint(spec: FSBBTConfig, task: Task, teacher: BlackBoxModule, learner_model: str | None) -> str:
+def synthetic_fingerprint(spec: FSBBTParams, task: Task, teacher: BlackBoxModule, learner_model: str | None) -> str:
     """What the synthetic set depends on: the task's data, the teacher, the FS-BBT settings (and for text
     the learner whose embeddings give the word neighbours)."""
     blob = json.dumps({"version": SYNTHETIC_VERSION, "task": task.fingerprint(), "teacher": teacher.teacher.identity,
@@ -134,7 +132,7 @@ def label_images(teacher: BlackBoxModule, images: torch.Tensor) -> np.ndarray:
     return teacher.teacher.predict([encode_image(image.permute(2, 0, 1).numpy()) for image in images])
 
 
-def build_images(spec: FSBBTConfig, task: Task, teacher: BlackBoxModule, device) -> dict[str, Any]:
+def build_images(spec: FSBBTParams, task: Task, teacher: BlackBoxModule, device) -> dict[str, Any]:
     """Originals + MixUp pool + CVAE images (module docstring), each labelled by the teacher."""
     train = task.split("train")
     originals = torch.stack([train[i]["image"] for i in range(len(train))])
@@ -171,7 +169,7 @@ def learner_model(config: JobConfig, stage: StageConfig) -> str:
     return spec.model
 
 
-def build_texts(spec: FSBBTConfig, task: Task, teacher: LoadedModel, learner: LoadedModel) -> dict[str, Any]:
+def build_texts(spec: FSBBTParams, task: Task, teacher: LoadedModel, learner: LoadedModel) -> dict[str, Any]:
     """Originals + TinyBERT variants (over the learner's input embeddings), each labelled by the teacher."""
     train = task.split("train")
     data = [train[i] for i in range(len(train))]
@@ -219,8 +217,23 @@ def synthetic_dataset(arrays: dict[str, np.ndarray]) -> Dataset:
                         for (a, b), p in zip(texts, probs, strict=True)])
 
 
-def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig, device) -> FSBBTTask:
-    """The ``fsbbt`` data source: the stored synthetic set of this stage, else built and stored now."""
+def soft_label_collator(task: Task):
+    """The collator of the synthetic set: the task's, plus the stacked ``soft_labels`` when training."""
+
+    def collator(tokenizer: Any = None, train: bool = False):
+        collate = task.collator(tokenizer, train)
+        if not train:
+            return collate
+        if task.modality == "image":
+            return SoftLabelCollator(collate.mean, collate.std, augment=collate.augment, hflip=collate.hflip)
+        return WithSoftLabels(collate)
+
+    return collator
+
+
+def fsbbt_data(spec: FSBBTParams, stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig,
+               device) -> StageData:
+    """The ``fsbbt`` data source's data: the stored synthetic set of this stage, else built and stored now."""
     if teacher is None or not capabilities(config, config.stage_teachers(stage)[0]).queried:
         raise KDForgeError(f"stage {stage.name!r}: `data: fsbbt` is labelled by a black-box teacher; make the stage's "
                            "first teacher a `black_box:` one")
@@ -228,7 +241,6 @@ def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, conf
         raise KDForgeError(f"stage {stage.name!r}: FS-BBT distils class probabilities; task {task.name} is "
                            f"{task.problem_type}")
     module: BlackBoxModule = teacher.model
-    spec = stage.fsbbt
     learner = learner_model(config, stage) if task.modality == "text" else None
     fingerprint = synthetic_fingerprint(spec, task, module, learner)
     path = RunFolder.of(config).fsbbt_set(stage.name)
@@ -250,7 +262,34 @@ def fsbbt_task(stage: StageConfig, task: Task, teacher: LoadedModel | None, conf
                       (int(n) for n in arrays["counts"]), strict=True))
     log.info("stage %s: FS-BBT set of %d inputs: %s", stage.name, int(sum(counts.values())),
              ", ".join(f"{n} {kind}" for kind, n in counts.items()))
-    return FSBBTTask(task, synthetic_dataset(arrays), counts, fingerprint)
+    mixup = spec.batch_mixup_alpha if spec.batch_mixup and task.modality == "image" else None
+    return StageData(task.name, synthetic_dataset(arrays), soft_label_collator(task),
+                     f"{task.fingerprint()}-fsbbt-{fingerprint}", FSBBT.carries,
+                     selection=task.split(task.selection_split), selection_split=task.selection_split, scorer=task,
+                     num_labels=task.num_labels, label_names=list(task.label_names),
+                     random_train_inputs=task.random_train_inputs, mixup_alpha=mixup, info={"counts": counts})
+
+
+@DATA_SOURCES.register("fsbbt")
+class FSBBT(DataSource):
+    """``data: fsbbt``: the synthetic set (:func:`fsbbt_data`); its training batches carry the bought
+    ``soft_labels``; the learner is scored on the task's selection split."""
+
+    Params = FSBBTParams
+    carries = frozenset({"labels", "soft_labels"})
+    learns_task = True
+
+    def check(self, config: JobConfig, stage: StageConfig, index: int) -> None:
+        roles = config.stage_teachers(stage)
+        first = config.teacher_configs().get(roles[0]) if roles else None
+        if first is None or first.black_box is None:
+            raise KDForgeError(f"stages.{index}: `data: fsbbt` is labelled by a black-box teacher, but the stage's "
+                               f"first teacher ({roles[0] if roles else 'none'}) is not one; give it a `black_box:` "
+                               "section (url, file or callable)")
+
+    def build(self, stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig,
+              device) -> StageData:
+        return fsbbt_data(self.params, stage, task, teacher, config, device)
 
 
 # ---------------------------------------------------------------------------- the soft_labels strategy
@@ -276,17 +315,15 @@ class SoftLabelStep(TrainStep):
 
 @STRATEGIES.register("soft_labels")
 class SoftLabels(Strategy):
-    """FS-BBT's student training: soft cross-entropy on the probabilities the ``fsbbt`` data source bought."""
+    """FS-BBT's student training: soft cross-entropy on the probabilities the ``fsbbt`` data source bought
+    (with the per-sample batch mixup that source asks for)."""
+
+    needs = frozenset({"soft_labels"})
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        if stage.data != "fsbbt":
-            raise KDForgeError(f"stage {stage.name!r}: strategy soft_labels learns the probabilities stored by "
-                               "`data: fsbbt`; set the stage's data: fsbbt")
         if stage.objectives:
             raise KDForgeError(f"stage {stage.name!r}: strategy soft_labels trains with the soft cross-entropy on the "
                                "teacher's probabilities and takes no objectives; set the stage's objectives: []")
 
     def build(self, ctx: StageContext) -> SoftLabelStep:
-        spec = ctx.stage.fsbbt
-        alpha = spec.batch_mixup_alpha if spec.batch_mixup and ctx.data.modality == "image" else None
-        return SoftLabelStep(ctx.adapter(ctx.learner), alpha)
+        return SoftLabelStep(ctx.adapter(ctx.learner), ctx.data.mixup_alpha)

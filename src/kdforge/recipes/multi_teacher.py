@@ -28,8 +28,8 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.camkd import DEFAULT_TEMPERATURE, DEFAULT_WEIGHTS, CAMKDLoss, feature_site, feature_term_active
-from kdforge.recipes.offline import OfflineStep, check_bindings, learner_adapter
-from kdforge.recipes.teacher_sources import LiveTeacher, teacher_sources
+from kdforge.recipes.offline import OfflineStep, stage_parts
+from kdforge.recipes.teacher_sources import LiveTeacher
 
 
 class MultiTeacherParams(BaseModel):
@@ -69,17 +69,14 @@ class CAMKDStep(OfflineStep):
         terms.update({"camkd_kd": float(out["kd"].detach()), "camkd_feature": float(out["feature"].detach())})
         return total, terms
 
+    def parts(self) -> dict:
+        return {**super().parts(), "camkd": self.camkd}
+
 
 @STRATEGIES.register("multi_teacher")
 class MultiTeacher(Strategy):
     Params = MultiTeacherParams
-
-    def check(self, config, stage) -> None:
-        teachers = config.stage_teachers(stage)
-        if len(teachers) < 2:
-            raise KDForgeError(f"stage {stage.name!r}: strategy multi_teacher needs 2 or more teachers (got "
-                               f"{', '.join(teachers) or 'none'}); list them under `teachers:`")
-        check_bindings(stage, teachers)
+    teacher_count = (2, None)
 
     def average_terms(self, roles: list[str]) -> list[ObjectiveConfig]:
         p = self.params
@@ -89,11 +86,8 @@ class MultiTeacher(Strategy):
     def build(self, ctx: StageContext) -> OfflineStep:
         roles, p = list(ctx.teachers), self.params
         if p.weighting == "average":
-            loss = WeightedLoss.from_config([*ctx.stage.objectives, *self.average_terms(roles)], roles)
-            s_paths, t_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
-            return OfflineStep(learner_adapter(ctx, loss, s_paths), loss, teacher_sources(ctx, loss, t_paths))
-        loss = ctx.loss()
-        s_paths, t_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
+            parts = stage_parts(ctx, ctx.loss(roles, extra=self.average_terms(roles)))
+            return OfflineStep(parts.learner, parts.loss, parts.teachers)
         models = {"student": ctx.learner.model, **{r: m.model for r, m in ctx.teachers.items()}}
         spatial = {r: p.spatial if p.spatial is not None else hasattr(m, "pool") and hasattr(m, "fc")
                    for r, m in models.items()}
@@ -103,12 +97,12 @@ class MultiTeacher(Strategy):
         sites, heads = {}, {}
         for role, model in models.items():
             sites[role], heads[role] = feature_site(model, spatial[role])
-        sources = {r: LiveTeacher(ctx.adapter(ctx.teachers[r], hook_paths=t_paths.get(r, []),
+        parts = stage_parts(ctx, roles=[], input_paths=[sites["student"]])
+        sources = {r: LiveTeacher(ctx.adapter(ctx.teachers[r], hook_paths=parts.teacher_paths.get(r, []),
                                               input_paths=[sites[r]], teacher=True)) for r in roles}
-        learner = learner_adapter(ctx, loss, s_paths, input_paths=[sites["student"]])
-        dims = self.feature_dims(ctx, learner, sources, sites)
+        dims = self.feature_dims(ctx, parts.learner, sources, sites)
         camkd = CAMKDLoss(dims["student"], [dims[r] for r in roles], p.temperature, relu=p.relu)
-        return CAMKDStep(learner, loss, sources, camkd, sites, {r: heads[r] for r in roles}, p.kd_weight,
+        return CAMKDStep(parts.learner, parts.loss, sources, camkd, sites, {r: heads[r] for r in roles}, p.kd_weight,
                          p.feature_weight)
 
     @staticmethod
@@ -116,7 +110,7 @@ class MultiTeacher(Strategy):
     def feature_dims(ctx: StageContext, learner, sources, sites) -> dict[str, int]:
         """Each model's feature width (channels), from one forward pass on two evaluation examples."""
         collate = ctx.data.collator(ctx.learner.tokenizer, train=False)
-        batch = collate([ctx.data.split("train")[i] for i in range(min(2, len(ctx.data.split("train"))))])
+        batch = collate([ctx.data.train[i] for i in range(min(2, len(ctx.data.train)))])
         dims = {}
         for role, adapter in [("student", learner), *((r, s.adapter) for r, s in sources.items())]:
             was_training = adapter.training

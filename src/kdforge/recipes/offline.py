@@ -9,7 +9,8 @@ trained in an earlier stage (TAKD chains), and fine-tuning (no teacher, task los
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +19,7 @@ from torch import nn
 from kdforge.engine.step import TrainStep
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
-from kdforge.objectives.base import objective_params
-from kdforge.objectives.composite import WeightedLoss, bind_role
+from kdforge.objectives.composite import WeightedLoss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.teacher_sources import teacher_sources
@@ -49,6 +49,10 @@ class OfflineStep(TrainStep):
     def forward(self, batch: dict[str, Any], progress: Progress) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss(self.learner(batch), self.teacher_outputs(batch), batch, progress)
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The learner, the teachers that train with it, and the loss terms with parameters of their own."""
+        return {**super().parts(), **self.online, **self.loss.parts()}
+
 
 def learner_adapter(ctx: StageContext, loss: WeightedLoss, hook_paths: list[str], **options) -> ModelAdapter:
     """The learner's adapter with what the loss reads (hooks, hidden states, attentions); ``options``
@@ -58,22 +62,36 @@ def learner_adapter(ctx: StageContext, loss: WeightedLoss, hook_paths: list[str]
                        attentions="attentions" in needs, **options)
 
 
-def check_bindings(stage, teachers: list[str]) -> None:
-    """Every teacher-reading term of ``stage`` can be bound to one of ``teachers`` (before training)."""
-    for i, objective in enumerate(stage.objectives):
-        cls, _ = objective_params(objective, i)
-        bind_role(cls, objective.name, objective.teacher, teachers)
+@dataclass
+class StageParts:
+    """What most strategies build first (:func:`stage_parts`)."""
+
+    loss: WeightedLoss
+    learner: ModelAdapter  # the learner's adapter, reading what the loss needs
+    teachers: dict[str, nn.Module]  # a source of outputs for each teacher role, by role
+    teacher_paths: dict[str, list[str]]  # the module paths the loss hooks on each teacher role
+
+
+def stage_parts(ctx: StageContext, loss: WeightedLoss | None = None, *,
+                setup_teachers: Mapping[str, nn.Module] | None = None, roles: Sequence[str] | None = None,
+                temperatures: Mapping[str, float] | None = None, **learner_options) -> StageParts:
+    """The stage's loss (``loss``, else :meth:`StageContext.loss`) sized to the learner and the teachers
+    (``setup_teachers``: the modules its terms are set up with, by role; default: the stage's teachers),
+    a source for each teacher role (``roles``; default: those the loss reads; ``[]``: none; ``temperatures``:
+    the temperature the strategy itself reads a role at, see :func:`teacher_sources`) and the learner's
+    adapter (``learner_options``: further ModelAdapter settings)."""
+    loss = ctx.loss() if loss is None else loss
+    if setup_teachers is None:
+        setup_teachers = {role: model.model for role, model in ctx.teachers.items()}
+    student_paths, teacher_paths = loss.setup(ctx.learner.model, setup_teachers)
+    sources = teacher_sources(ctx, loss, teacher_paths, None if roles is None else list(roles), temperatures)
+    return StageParts(loss, learner_adapter(ctx, loss, student_paths, **learner_options), sources, teacher_paths)
 
 
 @STRATEGIES.register("offline")
 class Offline(Strategy):
     """Frozen teachers (live or cached), terms bound to roles."""
 
-    def check(self, config, stage) -> None:
-        check_bindings(stage, config.stage_teachers(stage))
-
     def build(self, ctx: StageContext) -> OfflineStep:
-        loss = ctx.loss()
-        student_paths, teacher_paths = loss.setup(ctx.learner.model, {r: m.model for r, m in ctx.teachers.items()})
-        sources = teacher_sources(ctx, loss, teacher_paths)
-        return OfflineStep(learner_adapter(ctx, loss, student_paths), loss, sources)
+        parts = stage_parts(ctx)
+        return OfflineStep(parts.learner, parts.loss, parts.teachers, ctx.train_teachers)

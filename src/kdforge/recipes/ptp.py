@@ -18,14 +18,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
 
-from kdforge.config import PTPConfig
+from kdforge.config import JobConfig, StageConfig
 from kdforge.engine.predict import predict
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
+from kdforge.models.loading import LoadedModel
 from kdforge.problems.calibration import softmax
-from kdforge.tasks.base import Task
+from kdforge.recipes.base import DATA_SOURCES, DataSource, StageData
+from kdforge.tasks.base import Scores, Task
 from kdforge.tasks.metrics import accuracy
 
 PTP_LABELS = ["confidently_correct", "unconfidently_correct", "confidently_wrong", "unconfidently_wrong"]
@@ -57,42 +60,58 @@ class Relabelled(Dataset):
         return {**self.data[i], "label": int(self.labels[i])}
 
 
-class PTPTask(Task):
-    """The base task's splits labelled with the teacher's four PTP classes (metric: accuracy).
-    Thresholds come from the training split and are reused for the evaluation split."""
+class PTPParams(BaseModel):
+    """``ptp:``: thresholds on the teacher's max probability for correct (t1) and wrong (t2) predictions;
+    default: the median confidence of each group."""
 
-    main_metric = "accuracy"
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    t1: float | None = Field(None, gt=0, le=1)
+    t2: float | None = Field(None, gt=0, le=1)
 
-    def __init__(self, base: Task, teacher, config: PTPConfig, batch_size: int = 64, device="cpu"):
-        if not base.problem.classes:
-            raise KDForgeError(f"PTP needs a classification task; {base.name} is {base.problem_type}")
-        super().__init__(base.config)
-        self.base, self.modality, self.eval_split = base, base.modality, base.eval_split
-        self.random_train_inputs = base.random_train_inputs
-        self.label_names = list(PTP_LABELS)
-        self.thresholds = (config.t1, config.t2)
-        self._splits: dict[str, Relabelled] = {}
-        for split in dict.fromkeys(("train", base.selection_split, base.eval_split)):
-            data = base.split(split)
-            logits, gold = predict(ModelAdapter(teacher.model), data, base.collator(teacher.tokenizer), batch_size,
-                                   device, f"PTP labels ({split})")
-            labels, t1, t2 = ptp_labels(softmax(logits.astype(np.float64)), gold, *self.thresholds)
+
+class PTPScorer:
+    """Accuracy on the PTP labels (a learner of this stage is scored on its selection split by it)."""
+
+    main_metric, greater_is_better = "accuracy", True
+
+    def evaluate(self, adapter, data: Dataset, collate_fn, batch_size: int, device="cpu", ece_bins: int = 15,
+                 desc: str = "eval") -> Scores:
+        logits, labels = predict(adapter, data, collate_fn, batch_size, device, desc)
+        return Scores({"accuracy": accuracy(np.asarray(logits).argmax(-1), labels)})
+
+
+@DATA_SOURCES.register("ptp")
+class PTP(DataSource):
+    """``data: ptp``: the task's splits labelled with the stage's first teacher's four PTP classes, scored
+    by accuracy. Thresholds come from the training split and are reused for the other splits."""
+
+    Params = PTPParams
+    carries = frozenset({"labels"})
+
+    def check(self, config: JobConfig, stage: StageConfig, index: int) -> None:
+        if not config.stage_teachers(stage):
+            raise KDForgeError(f"stages.{index}: `data: ptp` labels the examples with the stage's first teacher, "
+                               f"and it has none; list one in stages.{index}.teachers")
+
+    def build(self, stage: StageConfig, task: Task, teacher: LoadedModel | None, config: JobConfig,
+              device) -> StageData:
+        if not task.problem.classes:
+            raise KDForgeError(f"PTP needs a classification task; {task.name} is {task.problem_type}")
+        thresholds = (self.params.t1, self.params.t2)
+        splits: dict[str, Relabelled] = {}
+        counts: list[int] = []
+        for split in dict.fromkeys(("train", task.selection_split, task.eval_split)):
+            data = task.split(split)
+            logits, gold = predict(ModelAdapter(teacher.model), data, task.collator(teacher.tokenizer),
+                                   config.eval.batch_size, device, f"PTP labels ({split})")
+            labels, t1, t2 = ptp_labels(softmax(logits.astype(np.float64)), gold, *thresholds)
             if split == "train":
-                self.thresholds = (t1, t2)
-                self.counts = np.bincount(labels, minlength=4).tolist()
-            self._splits[split] = Relabelled(data, labels)
-
-    def load_split(self, split: str) -> Dataset:
-        return self._splits[split]
-
-    def split(self, split: str) -> Dataset:
-        return self._splits[split]  # the base task already applied its limits
-
-    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        return {"accuracy": accuracy(np.asarray(predictions).argmax(-1), labels)}
-
-    def collator(self, tokenizer: Any = None, train: bool = False):
-        return self.base.collator(tokenizer, train)
-
-    def fingerprint(self) -> str:
-        return f"{self.base.fingerprint()}-ptp-{self.thresholds[0]:.6f}-{self.thresholds[1]:.6f}"
+                thresholds = (t1, t2)
+                counts = np.bincount(labels, minlength=4).tolist()
+            splits[split] = Relabelled(data, labels)
+        return StageData(task.name, splits["train"], task.collator,
+                         f"{task.fingerprint()}-ptp-{thresholds[0]:.6f}-{thresholds[1]:.6f}", self.carries,
+                         selection=splits[task.selection_split], selection_split=task.selection_split,
+                         scorer=PTPScorer(), num_labels=len(PTP_LABELS), label_names=list(PTP_LABELS),
+                         random_train_inputs=task.random_train_inputs,
+                         info={"thresholds": thresholds, "counts": counts})

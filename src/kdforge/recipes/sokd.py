@@ -71,7 +71,7 @@ from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.logit import kd_kl_loss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.offline import OfflineStep, learner_adapter
+from kdforge.recipes.offline import OfflineStep, stage_parts
 from kdforge.recipes.teacher_sources import LiveTeacher
 
 SUPPORTED = ("kdforge's CIFAR nets (stem, layer1..layer3, post_act, pool, fc: resnet*, wrn_*, small_cnn) and "
@@ -230,6 +230,9 @@ class SOKDStep(OfflineStep):
         student_loss, bridge_loss, terms = self.losses(batch, progress)
         return student_loss + bridge_loss, terms
 
+    def parts(self) -> dict[str, nn.Module]:
+        return {**super().parts(), "bridge": self.bridge}
+
 
 def _stage_index(config: JobConfig, stage: StageConfig) -> int:
     return next((i for i, s in enumerate(config.all_stages()) if s is stage), 0)
@@ -240,18 +243,15 @@ class SOKD(Strategy):
     """``strategy: {name: sokd}``: one frozen live teacher, a trainable knowledge bridge, the student."""
 
     Params = SOKDParams
+    teacher_count = (1, 1)
+    needs = frozenset({"gold_labels"})
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        n, teachers = _stage_index(config, stage), config.stage_teachers(stage)
+        n = _stage_index(config, stage)
         where = f"stage {stage.name!r}: strategy sokd"
-        if len(teachers) != 1:
-            raise KDForgeError(f"{where} needs exactly one teacher (got {', '.join(teachers) or 'none'}); set "
-                               f"stages.{n}.teachers: [ROLE]")
         if stage.teacher_source == "cache":
             raise KDForgeError(f"{where} runs the teacher live (its bridge reads the teacher's intermediate "
                                f"features every step); set stages.{n}.teacher_source: live or auto, not cache")
-        if stage.data != "task":
-            raise KDForgeError(f"{where} needs the task's labelled data; set stages.{n}.data: task")
         for i, objective in enumerate(stage.objectives):
             cls, _ = objective_params(objective, i)
             if cls.uses_teacher:
@@ -261,15 +261,14 @@ class SOKD(Strategy):
 
     def build(self, ctx: StageContext) -> SOKDStep:
         (role, teacher), = ctx.teachers.items()
-        if not ctx.data.problem.classes:
+        if not ctx.job_task.problem.classes:
             raise KDForgeError(f"stage {ctx.stage.name!r}: strategy sokd needs a classification task (got "
-                               f"{ctx.data.problem_type})")
+                               f"{ctx.job_task.problem_type})")
         bridge = knowledge_bridge(teacher.model)
         if bridge.num_classes != ctx.data.num_labels:
             raise KDForgeError(f"stage {ctx.stage.name!r}: the teacher {role!r} has {bridge.num_classes} outputs but "
                                f"the task has {ctx.data.num_labels} labels; fine-tune the teacher on this task")
-        loss = ctx.loss()
-        s_paths, _ = loss.setup(ctx.learner.model, {})
+        parts = stage_parts(ctx, setup_teachers={}, roles=[])
         source = LiveTeacher(ctx.adapter(teacher, hook_paths=bridge.hook_paths, hidden_states=bridge.hidden_states,
                                          teacher=True))
-        return SOKDStep(learner_adapter(ctx, loss, s_paths), loss, role, source, bridge, self.params)
+        return SOKDStep(parts.learner, parts.loss, role, source, bridge, self.params)

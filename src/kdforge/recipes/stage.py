@@ -19,24 +19,24 @@ from kdforge.config import JobConfig, StageConfig, TrainConfig
 from kdforge.engine.checkpoint import load as load_checkpoint_file
 from kdforge.engine.checkpoint import save_torch_atomic
 from kdforge.engine.step import TrainStep
-from kdforge.engine.trainer import Trainer, make_accelerator, seed_everything
+from kdforge.engine.trainer import Trainer, check_parts, make_accelerator, seed_everything
 from kdforge.io import atomic_write_json, read_json
 from kdforge.models.heads import classifier_size, head_size, replace_head
 from kdforge.models.loading import LoadedModel
 from kdforge.models.vocab import StudentIdsCollator
-from kdforge.recipes.base import DATA_SOURCES, StageContext
-from kdforge.recipes.catalog import strategy_for
+from kdforge.recipes.base import StageContext, StageData
+from kdforge.recipes.catalog import data_source_for, strategy_for
 from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import Task
-from kdforge.tasks.corpus import CorpusTask
 
 log = logging.getLogger("kdforge")
 
 
-def train_model(step: TrainStep, task: Task, train_data, dev_data, tokenizer, train_config: TrainConfig,
+def train_model(step: TrainStep, task: Task | StageData, train_data, dev_data, tokenizer, train_config: TrainConfig,
                 run_dir: Path, desc: str, resume: bool, callbacks=(), accelerator=None,
                 collate_fn: Callable | None = None) -> Trainer:
-    """Train ``step``; its learner is evaluated on ``dev_data`` each epoch unless it is None."""
+    """Train ``step``; its learner is evaluated on ``dev_data`` each epoch unless it is None (``task``
+    collates and scores it)."""
     accelerator = accelerator or make_accelerator(train_config)
     collate_fn = collate_fn or task.collator(tokenizer, train=True)
     evaluate = None
@@ -64,32 +64,31 @@ def run_stage(config: JobConfig, index: int, task: Task, models: dict[str, Loade
     accelerator = make_accelerator(train_config)
     teachers = {role: models[role] for role in config.stage_teachers(stage)}
     first_teacher = next(iter(teachers.values()), None)
-    data = DATA_SOURCES.get(stage.data, f"stages.{index}.data")(stage, task, first_teacher, config,
-                                                                accelerator.device)
+    data = data_source_for(stage, index).build(stage, task, first_teacher, config, accelerator.device)
     learner = models[stage.learner]
-    labelled = not isinstance(data, CorpusTask)
-    if labelled and not data.problem.causal_lm and (
+    if data.num_labels is not None and not task.problem.causal_lm and (
             stage.head == "reinit" or head_size(learner.model) != data.num_labels):
         log.info("stage %s: fresh %d-output head", stage.name, data.num_labels)
         replace_head(learner.model, data.num_labels, data.label_names or None)
     ctx = StageContext(config, stage, index, data, stage.learner, learner, teachers, stage_training_data(
-        stage, data, first_teacher), training_collator(data, learner, first_teacher), accelerator.device)
+        stage, data, first_teacher), training_collator(data, learner, first_teacher), accelerator.device, task=task)
     strategy = strategy_for(stage, index)
     step = strategy.build(ctx)
+    step.learner_role = step.learner_role or stage.learner
+    check_parts(train_config.lr_by_role, step.parts(), f"stage {stage.name!r}")
     log.info("stage %s: %s (%s) learns from %s on %s, strategy %s", stage.name, stage.learner, learner.source,
              ", ".join(teachers) or "no teacher", data.name, stage.strategy.name)
     try:
-        return train_model(step, data, ctx.train_data, data.split(data.selection_split) if labelled else None,
-                           learner.tokenizer, train_config, run_dir, stage.name, resume, callbacks, accelerator,
-                           ctx.collate)
+        return train_model(step, data, ctx.train_data, data.selection, learner.tokenizer, train_config, run_dir,
+                           stage.name, resume, callbacks, accelerator, ctx.collate)
     finally:
         for adapter in ctx.adapters:
             adapter.remove_hooks()
 
 
-def stage_training_data(stage: StageConfig, data: Task, teacher: LoadedModel | None):
-    """The stage's training split, with TinyBERT augmentation when the stage asks for it."""
-    train_data = data.split("train")
+def stage_training_data(stage: StageConfig, data: StageData, teacher: LoadedModel | None):
+    """The stage's training examples, with TinyBERT augmentation when the stage asks for it."""
+    train_data = data.train
     if stage.augment is not None:
         aug = stage.augment
         neighbours = EmbeddingNeighbours(teacher.tokenizer, teacher.model.get_input_embeddings().weight.detach(),
@@ -99,7 +98,7 @@ def stage_training_data(stage: StageConfig, data: Task, teacher: LoadedModel | N
     return train_data
 
 
-def training_collator(data: Task, learner: LoadedModel, teacher: LoadedModel | None):
+def training_collator(data: StageData, learner: LoadedModel, teacher: LoadedModel | None):
     """The learner's collator; with a compressed vocabulary the batch is tokenized for the teacher and
     the learner gets its own ids."""
     id_map = getattr(learner.model, "kdforge_id_map", None)

@@ -16,6 +16,7 @@ its own SQLite cache, so the output cache adds nothing).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -57,17 +58,18 @@ class CachedTeacher(nn.Module):
 
 
 def bound_temperature(loss: WeightedLoss, role: str) -> float:
-    """The temperature of the terms bound to ``role`` when they share one fixed value (the top-k
-    cache keeps the teacher's tail mass exact at it), else 1."""
-    found = {getattr(o.params, "temperature", None) for o in loss.terms_of(role)}
+    """The temperature at which the terms bound to ``role`` read it (``Objective.teacher_temperature``)
+    when they share one fixed value (the top-k cache keeps the teacher's tail mass exact at it), else 1."""
+    found = {o.teacher_temperature for o in loss.terms_of(role)}
     found.discard(None)
-    value = next(iter(found)) if len(found) == 1 else None
-    return float(value) if isinstance(value, int | float) else 1.0
+    return next(iter(found)) if len(found) == 1 else 1.0
 
 
 def cache_applies(ctx: StageContext, loss: WeightedLoss, role: str, hook_paths: list[str]) -> str | None:
     """None when the cache is exact for ``role``, else why it is not."""
     needs = loss.requires(role)
+    if ctx.train_teachers:
+        return "the teachers train with the learner"
     if ctx.data.random_train_inputs:
         return "random augmentation"
     if hook_paths or "attentions" in needs:
@@ -82,7 +84,7 @@ def cached_teacher(ctx: StageContext, role: str, temperature: float) -> CachedTe
     cc, teacher = ctx.config.teacher_cache, ctx.teachers[role]
     spec = CacheSpec(getattr(torch, cc.dtype), cc.top_k, tuple(cc.hidden_states), temperature)
     stage = ctx.stage
-    fingerprint = ctx.data.fingerprint() + (f"+augment:{stage.augment.model_dump_json()}" if stage.augment else "")
+    fingerprint = ctx.data.fingerprint + (f"+augment:{stage.augment.model_dump_json()}" if stage.augment else "")
     with PartialState().main_process_first():
         cache = TeacherCache.load_or_build(teacher.model.to(ctx.device), ctx.train_data,
                                            ctx.data.collator(teacher.tokenizer), fingerprint, teacher.tokenizer,
@@ -92,10 +94,13 @@ def cached_teacher(ctx: StageContext, role: str, temperature: float) -> CachedTe
 
 
 def teacher_sources(ctx: StageContext, loss: WeightedLoss, hook_paths: dict[str, list[str]],
-                    roles: list[str] | None = None) -> dict[str, nn.Module]:
+                    roles: list[str] | None = None, temperatures: Mapping[str, float] | None = None
+                    ) -> dict[str, nn.Module]:
     """A source for every teacher role the loss reads (or ``roles``), as the stage's
-    ``teacher_source`` says; wraps the training data with example indices when a cache is used."""
-    wanted, sources = ctx.stage.teacher_source, {}
+    ``teacher_source`` says; wraps the training data with example indices when a cache is used.
+    ``temperatures``: the temperature at which the strategy itself reads a role's logits (its cache is
+    built for it); default: that of the terms bound to the role (:func:`bound_temperature`)."""
+    wanted, sources, temperatures = ctx.stage.teacher_source, {}, temperatures or {}
     for role in roles if roles is not None else loss.teacher_roles:
         paths = hook_paths.get(role, [])
         why_not = cache_applies(ctx, loss, role, paths) if ctx.config.teacher_cache.enabled else "it is disabled"
@@ -103,14 +108,14 @@ def teacher_sources(ctx: StageContext, loss: WeightedLoss, hook_paths: dict[str,
             raise KDForgeError(f"stage {ctx.stage.name!r}: teacher_source: cache cannot serve {role!r} ({why_not}); "
                                "use teacher_source: live or auto")
         if wanted != "live" and why_not is None:
-            sources[role] = cached_teacher(ctx, role, bound_temperature(loss, role))
+            sources[role] = cached_teacher(ctx, role, temperatures.get(role, bound_temperature(loss, role)))
             continue
         if wanted == "auto" and ctx.config.teacher_cache.enabled:
             log.info("teacher %s: outputs computed every step (the cache does not apply: %s)", role, why_not)
         needs = loss.requires(role)
         sources[role] = LiveTeacher(ctx.adapter(ctx.teachers[role], hook_paths=paths,
                                                 hidden_states="hidden_states" in needs,
-                                                attentions="attentions" in needs, teacher=True))
+                                                attentions="attentions" in needs, teacher=True), ctx.train_teachers)
     if any(isinstance(s, CachedTeacher) for s in sources.values()):
         index_examples(ctx)
     return sources

@@ -10,21 +10,19 @@ from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student
-from kdforge.recipes.catalog import strategy_for
+from kdforge.recipes.catalog import data_source_for, strategy_for
 from kdforge.roles.base import capabilities, primary_teacher
 from kdforge.roles.teachers import load_teacher
 from kdforge.run_folder import RunFolder
 from kdforge.tasks.base import Task
-from kdforge.tasks.corpus import corpus_texts
 
 
 def training_texts(config: JobConfig, task: Task) -> list[str]:
-    """Every passage the student trains on: the task's training text and the corpus stages' text
-    (word frequencies for GLMD vocabulary compression are counted over them)."""
+    """Every passage the student trains on: the task's training text and the text of the stages' own data
+    sources (a corpus; word frequencies for GLMD vocabulary compression are counted over them)."""
     texts = [t for e in task.split("train") for t in (e.get("text_a"), e.get("text_b")) if t]
-    for stage in config.all_stages():
-        if stage.data == "corpus":
-            texts += corpus_texts(stage.corpus)
+    for index, stage in enumerate(config.all_stages()):
+        texts += data_source_for(stage, index).texts()
     return texts
 
 
