@@ -41,9 +41,12 @@ def finetunings(folder: Path) -> list[Path]:
     return sorted(folder.glob("teachers/*/finetune.json"))
 
 
-def test_study_end_to_end(study_tree, one_thread):
+def test_study_end_to_end(study_tree, one_thread, tmp_path):
+    study_tree["publish_dir"] = str(tmp_path / "published")
     result = api.study(study_tree)
     folder = result.folder
+    for name in ("study.md", "study.json", "study.html"):  # the report, also where it is published
+        assert (tmp_path / "published" / name).read_bytes() == (folder / name).read_bytes()
     assert len(result.summaries) == 4
     assert len(finetunings(folder)) == 1  # one teacher, fine-tuned once for the 4 runs
     shared = finetunings(folder)[0].parent / "model"

@@ -60,6 +60,8 @@ class StudyConfig(Strict):
                                         "be evidence; default by metric (kdforge.study.floors)")
     teachers_dir: str | None = Field(None, description="where shared teachers are fine-tuned (default "
                                      "<output_dir>/teachers; another study may point at the same folder)")
+    publish_dir: str | None = Field(None, description="a folder the report (study.md, study.json, study.html, "
+                                    "charts) is also written to, e.g. one committed with the project")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite:///<output_dir>/study.db")
     study_name: str | None = Field(None, description="default: the output folder's name")
     heartbeat_s: PositiveInt = Field(60, description="a run silent for 2x this is failed and run again")

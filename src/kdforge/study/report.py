@@ -241,14 +241,16 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
     if claims:
         blocks += [("h2", "Claims"), *(("p", finding(r)) for r in claims)]
     images = charts(tables) if tables.metric else []
-    for name, png, alt in images:
-        atomic_write_bytes(folder / name, png)
-        blocks.append(("image", (name, png, alt)))
+    blocks += [("image", (name, png, alt)) for name, png, alt in images]
     blocks.append(("p", f"Storage: {storage}. Resume or extend: kdforge study {folder / 'study-config.yaml'}"))
     report = {"name": folder.name, "complete": not todo, "todo": todo, "teachers": teachers,
               "evidence": not warnings, "rows": records, "claims": claims, "runs": summaries,
               "seeds": study.seeds, "baseline": study.baseline_row()}
-    atomic_write_json(folder / "study.json", report)
-    atomic_write_text(folder / "study.md", render_markdown(blocks))
-    atomic_write_text(folder / "study.html", render_html(blocks, f"kdforge study: {folder.name}"))
+    for target in [folder, *([Path(study.publish_dir)] if study.publish_dir else [])]:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, png, _alt in images:
+            atomic_write_bytes(target / name, png)
+        atomic_write_json(target / "study.json", report)
+        atomic_write_text(target / "study.md", render_markdown(blocks))
+        atomic_write_text(target / "study.html", render_html(blocks, f"kdforge study: {folder.name}"))
     return report, main_table
