@@ -116,3 +116,19 @@ def test_a_hugging_face_forward_without_kwargs_gets_only_its_named_keys():
     ModelAdapter(Named())({"input_ids": torch.tensor([[1]]), "attention_mask": torch.tensor([[1]]),
                            "labels": torch.tensor([0]), "source_id": torch.tensor([3])})
     assert seen["labels"] is None and seen["attention_mask"].tolist() == [[1]]  # labels stay out, as before
+
+
+def test_a_module_that_reads_the_batch_gets_it_whole_and_unchanged():
+    seen = []
+
+    class ReadsBatch(torch.nn.Module):
+        reads_batch = True
+
+        def forward(self, batch):
+            seen.append(batch)
+            return torch.zeros(1, 2)
+
+    batch = {"input_ids": torch.tensor([[1]]), "teacher_input_ids": torch.tensor([[9]]), "texts": ["a"],
+             "labels": torch.tensor([0]), "source_id": torch.tensor([3])}
+    ModelAdapter(ReadsBatch(), teacher=True)(batch)
+    assert seen[0] is batch and batch["input_ids"].tolist() == [[1]]

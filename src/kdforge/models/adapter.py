@@ -128,9 +128,10 @@ class ModelAdapter(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> Outputs:
         self._captured = {}
-        if self.teacher and "teacher_input_ids" in batch:
+        reads_batch = getattr(self.model, "reads_batch", False)
+        if self.teacher and "teacher_input_ids" in batch and not reads_batch:
             batch = {**batch, "input_ids": batch["teacher_input_ids"]}
-        if getattr(self.model, "reads_batch", False):
+        if reads_batch:
             result = Outputs(logits=self.model(batch))
         elif is_hf_model(self.model):
             inputs = self._forward_inputs.select(batch, any_keyword=True)
