@@ -9,7 +9,9 @@ packages is not an edge.
 Rules: no import cycle, and a lower layer imports nothing from the layers above it (data flows down):
 the engine nothing from the objectives or the recipes (the engine knows no objective); the tasks nothing
 from the evaluation; the problem kinds (``kdforge.problems``, below both) nothing from either, nor from
-the engine, models, objectives or recipes.
+the engine, models, objectives or recipes; the models nothing from the engine, evaluation, tasks,
+objectives or recipes (the engine and the evaluation run models, not the other way round); the file
+helpers (``kdforge.io``) nothing from any of them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ BELOW = {
     "kdforge.tasks": ("kdforge.evaluation",),
     "kdforge.problems": ("kdforge.tasks", "kdforge.evaluation", "kdforge.engine", "kdforge.models",
                          "kdforge.objectives", "kdforge.recipes"),
+    "kdforge.models": ("kdforge.engine", "kdforge.evaluation", "kdforge.tasks", "kdforge.objectives",
+                       "kdforge.recipes"),
+    "kdforge.io": ("kdforge.engine", "kdforge.evaluation", "kdforge.tasks", "kdforge.models",
+                   "kdforge.objectives", "kdforge.recipes", "kdforge.problems"),
 }
 """package -> the packages above it, from which it imports nothing"""
 
@@ -188,7 +194,8 @@ def test_no_import_cycles(graph):
 @pytest.mark.parametrize("package", list(BELOW))
 def test_a_lower_layer_imports_nothing_above_it(graph, package):
     """The engine knows no objective or recipe; tasks score models with their problem kind, not with
-    evaluation/; the problem kinds sit below both."""
+    evaluation/; the problem kinds sit below both; models/ sits below the engine and the evaluation;
+    kdforge.io below everything."""
     bad = upward_imports(graph, package, BELOW[package])
     assert not bad, f"{package} imports from {', '.join(BELOW[package])}: " + "; ".join(
         f"{m} -> {t} (line {', '.join(map(str, graph[m][t]))})" for m, t in bad)

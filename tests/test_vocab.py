@@ -335,3 +335,58 @@ def test_latency_inputs_stay_inside_a_compressed_vocabulary(bpe_tokenizer):
 
     ids = text_inputs(bpe_tokenizer, 8, 32, vocab_limit=20)["input_ids"]  # the tokenizer has 331 strings
     assert int(ids.max()) < 20 and int(ids.min()) >= 1
+
+
+# -- the compression's state lives in the student's config (and buffers), so a reloaded student carries it -----
+
+def test_a_saved_and_reloaded_student_carries_its_vocabulary_map(bpe_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.config import ObjectiveConfig
+    from kdforge.export import export_model
+    from kdforge.models.loading import LoadedModel
+    from kdforge.models.student import student_from_layers
+    from kdforge.models.vocab import StudentIdsCollator, id_map_of, kept_ids_of
+    from kdforge.objectives.base import build_objective
+    from kdforge.recipes.stage import training_collator
+
+    tokenizer = bpe_tokenizer
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    torch.manual_seed(3)
+    teacher, student = llama(len(tokenizer), 24, True, end_id), llama(len(tokenizer), 16, True, end_id)
+    plain_keys = set(llama(len(tokenizer), 16, True, end_id).state_dict())
+    kept = choose_kept_ids(token_frequencies(tokenizer, bpe_corpus()), tokenizer, 0.25)
+    mapping = nearest_kept(teacher.get_input_embeddings().weight, kept, targets=mapping_targets(tokenizer, kept))
+    student, new_tokenizer = compress_vocabulary(student, tokenizer, kept, mapping)
+    id_map = student.kdforge_id_map
+
+    # module state, not patched attributes: buffers outside the state dict, and the config
+    assert {"kdforge_vocab_map", "kdforge_id_map"} <= set(dict(student.named_buffers()))
+    assert not {"kdforge_vocab_map", "kdforge_id_map"} & set(vars(student))
+    assert set(student.state_dict()) == plain_keys  # the weights file is a plain model's
+    stored = student.config.kdforge_vocab
+    assert stored["kept_ids"] == kept.tolist() and stored["id_map"] == id_map.tolist()
+
+    export_model(LoadedModel(student, new_tokenizer, "student"), tmp_path / "student")
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["kdforge_vocab"] == stored
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert torch.equal(kept_ids_of(reloaded), kept) and torch.equal(id_map_of(reloaded), id_map)
+
+    # word_kd and the training collator read the reloaded student as they read the live one
+    batch = tokenizer(["the cat sat on the mat", "a big dog"], padding=True, return_tensors="pt")
+    objective = build_objective(ObjectiveConfig(name="word_kd"))
+    objective.setup(reloaded, teacher)
+    assert torch.equal(objective.kept_ids, kept)
+
+    class Data:
+        def collator(self, tok, train=False):
+            return lambda examples: {k: v.clone() for k, v in batch.items()}
+
+    collate = training_collator(Data(), LoadedModel(reloaded, new_tokenizer), LoadedModel(teacher, tokenizer))
+    assert isinstance(collate, StudentIdsCollator)
+    assert torch.equal(collate([])["input_ids"], remap_ids(batch.input_ids, id_map))
+
+    # a new model built from the compressed one speaks its vocabulary: it has no map of its own
+    derived = student_from_layers(reloaded, [0])
+    assert kept_ids_of(derived) is None and id_map_of(derived) is None
+    assert not hasattr(derived.config, "kdforge_vocab")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
-from kdforge.engine.checkpoint import staged_folder
+from kdforge.io import staged_folder
 from kdforge.models.loading import VISION_META, LoadedModel
 from kdforge.models.saving import write_pretrained
 from kdforge.models.sps import is_sps, save_sps_compact, save_sps_unrolled

@@ -7,7 +7,8 @@ previous content of the destination (if any) is left untouched.
 
 :func:`file_record` / :func:`check_file` store and verify a file's size and SHA-256 (a truncated
 or corrupted file is named, not loaded); :func:`read_json` turns a truncated JSON file into one
-clear error; :func:`file_lock` lets several processes agree on who builds a shared file.
+clear error; :func:`file_lock` lets several processes agree on who builds a shared file;
+:func:`staged_folder` writes a whole folder beside its destination and renames it into place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,3 +137,29 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def staging_dir(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.tmp")
+
+
+def publish(folder: Path) -> None:
+    """Replace ``folder`` with its staging copy (two renames; the old one is removed last)."""
+    staging, old = staging_dir(folder), folder.with_name(f".{folder.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Write into a fresh staging folder; on success it replaces ``folder`` (``publish``)."""
+    staging = staging_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    publish(folder)

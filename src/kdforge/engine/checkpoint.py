@@ -24,8 +24,6 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,8 @@ import numpy as np
 import torch
 
 from kdforge.errors import KDForgeError
-from kdforge.io import atomic_write_json, check_file, file_record, read_json
+from kdforge.io import atomic_write_json, check_file, file_record, read_json, staging_dir
+from kdforge.io import staged_folder as staged_folder  # re-exported: the staged-folder helpers live in kdforge.io
 
 log = logging.getLogger("kdforge")
 
@@ -72,25 +71,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------- staged folders
 
 
-def staging_dir(folder: Path) -> Path:
-    return folder.with_name(f".{folder.name}.tmp")
-
-
 def previous_dir(folder: Path) -> Path:
     """Where :func:`publish_checkpoint` keeps the checkpoint before ``folder`` (``last`` -> ``previous``)."""
     return folder.with_name("previous" if folder.name == "last" else f"{folder.name}.previous")
-
-
-def publish(folder: Path) -> None:
-    """Replace ``folder`` with its staging copy (two renames; the old one is removed last)."""
-    staging, old = staging_dir(folder), folder.with_name(f".{folder.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def publish_checkpoint(folder: Path) -> None:
@@ -113,16 +96,6 @@ def remove_checkpoints(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     with contextlib.suppress(OSError):  # not empty (another stage's checkpoints), or gone already
         root.parent.rmdir()
-
-
-@contextmanager
-def staged_folder(folder: Path) -> Iterator[Path]:
-    """Write into a fresh staging folder; on success it replaces ``folder`` (``publish``)."""
-    staging = staging_dir(folder)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    yield staging
-    publish(folder)
 
 
 # ---------------------------------------------------------------------------- files

@@ -9,28 +9,9 @@ from pathlib import Path
 from safetensors.torch import save_model
 from torch import nn
 
+from kdforge.models.parameters import count_parameters as count_parameters  # re-exported (it lives with the models)
+
 _MB = 1e6
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of unique parameter elements of ``model``.
-
-    A parameter shared by several modules (e.g. tied input/output embeddings) counts once, and so
-    do distinct parameter objects that view the same memory. Buffers (e.g. BatchNorm running
-    statistics) are not parameters and are not counted."""
-    seen: set[object] = set()
-    total = 0
-    for param in model.parameters():  # already deduplicated by object identity
-        if trainable_only and not param.requires_grad:
-            continue
-        key: object = id(param)
-        if param.device.type != "meta" and param.numel() > 0:
-            key = (param.device, param.untyped_storage().data_ptr(), param.storage_offset(),
-                   tuple(param.shape), tuple(param.stride()), param.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += param.numel()
-    return total
 
 
 def size_on_disk_mb(model: nn.Module) -> float:

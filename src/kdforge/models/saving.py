@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdforge.engine.checkpoint import staged_folder
+from kdforge.io import staged_folder
 
 
 def write_pretrained(folder: str | Path, model, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:

@@ -62,9 +62,9 @@ import torch
 from torch import nn
 
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.size import count_parameters
 from kdforge.models.adapter import is_hf_model
 from kdforge.models.layer_stack import layer_stack_path
+from kdforge.models.parameters import count_parameters
 from kdforge.models.saving import write_pretrained
 
 #: SPS layouts: "swap" (Pea-KD's SPS), "share" (paired sharing without the Q/K shuffle),

@@ -26,6 +26,7 @@ from kdforge.models.layer_stack import layer_stack_path
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.positions import check_max_length
 from kdforge.models.sps import make_sps_student
+from kdforge.models.vocab import drop_vocabulary_state
 
 log = logging.getLogger("kdforge")
 
@@ -38,6 +39,7 @@ def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
         raise KDForgeError(f"student.layers {layers} must be a non-empty list of teacher layer indices 0..{n - 1}")
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
+    drop_vocabulary_state(config)  # the student speaks the teacher's vocabulary, even a compressed one
     student = type(teacher)(config)
     source, teacher_state = _layer_source(teacher, layers), teacher.state_dict()
     student.load_state_dict({key: teacher_state[source(key)].clone() for key in student.state_dict()})
@@ -48,6 +50,7 @@ def student_from_config(teacher: nn.Module, overrides: dict) -> nn.Module:
     """A freshly initialised model of the teacher's class with config fields overridden
     (``hidden_size``, ``num_hidden_layers``, ``intermediate_size``, ``num_attention_heads``...)."""
     config = override_config(teacher.config, overrides)
+    drop_vocabulary_state(config)  # the student speaks the teacher's vocabulary, even a compressed one
     try:
         return type(teacher)(config)
     except (ValueError, RuntimeError, TypeError, StrictDataclassError) as err:

@@ -14,9 +14,15 @@ rows; the teacher's logits are restricted to the kept words (``restrict_teacher_
     kept = choose_kept_ids(freqs, tokenizer, fraction=0.5)
     mapping = nearest_kept(teacher.get_input_embeddings().weight, kept, targets=mapping_targets(tokenizer, kept))
     student, new_tokenizer = compress_vocabulary(student, tokenizer, kept, mapping)
-    # train with word_kd (it reads student.kdforge_vocab_map);
-    # the student reads remap_ids(input_ids, student.kdforge_id_map)
+    # train with word_kd (it reads kept_ids_of(student));
+    # the student reads remap_ids(input_ids, id_map_of(student))
     student.save_pretrained(out); new_tokenizer.save_pretrained(out)   # loads in plain transformers
+
+The compression's state lives in the student: ``student.config.kdforge_vocab`` (``{"format": 1,
+"kept_ids": [...], "id_map": [...]}``, written to ``config.json`` by ``save_pretrained``, so a reloaded
+student carries it) and, on the compressed model, the non-persistent buffers ``kdforge_vocab_map`` and
+``kdforge_id_map`` (not in the state dict: the weights files are those of a plain model).
+:func:`kept_ids_of` and :func:`id_map_of` read it from either.
 
 New ids are positions in ``kept`` (new id i is teacher id ``kept[i]``). ``kept`` lists the special
 tokens first, then the other kept words by decreasing frequency (ties by id), as the official
@@ -57,6 +63,8 @@ from torch import nn
 
 from kdforge.errors import KDForgeError
 
+#: ``model.config`` attribute holding a compressed student's kept ids and id map (saved in config.json)
+CONFIG_KEY = "kdforge_vocab"
 #: config fields holding token ids that compression renumbers
 _ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
               "mask_token_id", "decoder_start_token_id")
@@ -160,8 +168,40 @@ def restrict_teacher_logits(logits: torch.Tensor, kept_ids: torch.Tensor | Seque
 
 
 def remap_ids(input_ids: torch.Tensor, id_map: torch.Tensor) -> torch.Tensor:
-    """Teacher token ids -> the compressed student's ids (``id_map = student.kdforge_id_map``)."""
+    """Teacher token ids -> the compressed student's ids (``id_map = id_map_of(student)``)."""
     return id_map.to(input_ids.device)[input_ids]
+
+
+def kept_ids_of(model: nn.Module | None) -> torch.Tensor | None:
+    """The teacher ids a compressed student kept, in student-id order (new id i is teacher id
+    ``kept[i]``): its ``kdforge_vocab_map`` buffer, else ``config.kdforge_vocab`` (a reloaded student);
+    None for a model whose vocabulary was not compressed."""
+    return _vocab_state(model, "kdforge_vocab_map", "kept_ids")
+
+
+def id_map_of(model: nn.Module | None) -> torch.Tensor | None:
+    """Teacher id -> compressed-student id (for :func:`remap_ids`), from the ``kdforge_id_map`` buffer
+    or ``config.kdforge_vocab``; None for a model whose vocabulary was not compressed."""
+    return _vocab_state(model, "kdforge_id_map", "id_map")
+
+
+def _vocab_state(model: nn.Module | None, buffer: str, field: str) -> torch.Tensor | None:
+    if model is None:
+        return None
+    value = getattr(model, buffer, None)
+    if value is not None:
+        return value
+    stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if isinstance(stored, dict) and stored.get(field) is not None:
+        return torch.tensor(stored[field], dtype=torch.long)
+    return None
+
+
+def drop_vocabulary_state(config) -> None:
+    """Remove ``config.kdforge_vocab`` (from the config of a *new* model built from a compressed one: it
+    speaks that model's vocabulary, so it has no map of its own)."""
+    if hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
 
 
 class StudentIdsCollator:
@@ -191,9 +231,10 @@ def compress_vocabulary(student_model: nn.Module, tokenizer, kept_ids: torch.Ten
 
     The input embedding and the output layer (``lm_head`` / MLM decoder, and its bias) keep rows
     ``kept_ids`` in that order; tied weights stay tied. ``config.vocab_size`` and the special-token ids
-    of the config and generation config are renumbered. The student gets ``kdforge_vocab_map`` (the
-    kept teacher ids, read by ``word_kd``) and ``kdforge_id_map`` (teacher id -> student id, for
-    ``remap_ids``). The new tokenizer (same class, a rewritten ``tokenizer.json``) encodes every
+    of the config and generation config are renumbered. The kept teacher ids (read by ``word_kd``) and
+    the id map (teacher id -> student id, for ``remap_ids``) are stored in ``config.kdforge_vocab`` and
+    as the non-persistent buffers ``kdforge_vocab_map`` and ``kdforge_id_map`` (:func:`kept_ids_of`,
+    :func:`id_map_of`). The new tokenizer (same class, a rewritten ``tokenizer.json``) encodes every
     original token string to the new id of ``mapping[its id]``; added/special tokens are renumbered.
     Returns ``(student_model, new_tokenizer)``."""
     emb = student_model.get_input_embeddings()
@@ -219,8 +260,12 @@ def compress_vocabulary(student_model: nn.Module, tokenizer, kept_ids: torch.Ten
     state = _remapped_tokenizer_state(tokenizer, mapping, id_map)
     new_tokenizer = _load_tokenizer(tokenizer, json.dumps(state, ensure_ascii=False))
     _shrink_model(student_model, kept, id_map)
-    student_model.kdforge_vocab_map = kept.clone()
-    student_model.kdforge_id_map = id_map.clone()
+    config = getattr(student_model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, {"format": 1, "kept_ids": kept.tolist(), "id_map": id_map.tolist()})
+    device = emb.weight.device
+    student_model.register_buffer("kdforge_vocab_map", kept.clone().to(device), persistent=False)
+    student_model.register_buffer("kdforge_id_map", id_map.clone().to(device), persistent=False)
     return student_model, new_tokenizer
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 
 from kdforge.errors import KDForgeError
-from kdforge.models.vocab import restrict_teacher_logits
+from kdforge.models.vocab import kept_ids_of, restrict_teacher_logits
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Temperature
 from kdforge.objectives.common import require, t_squared
 from kdforge.objectives.logit import _class_logits
@@ -101,11 +101,11 @@ class WordKD(LogitObjective):
     structure, as long as both predict words over the same (or, after compression, a kept subset of
     the same) vocabulary: ``AutoModelForCausalLM`` or ``AutoModelForMaskedLM`` logits (N, L, V).
 
-    Vocabulary compression: when the student carries the kept teacher ids (``student.kdforge_vocab_map``,
-    a LongTensor of V_s teacher ids in student-id order, set by
-    :func:`kdforge.models.vocab.compress_vocabulary`), :meth:`setup` picks them up and the teacher's
-    logits are restricted to them before the softmax, so the teacher's distribution is renormalised
-    over the kept words (the official ``--distill_logit_mask_map --unmap_vocab_output``).
+    Vocabulary compression: when the student carries the kept teacher ids (V_s teacher ids in student-id
+    order, stored by :func:`kdforge.models.vocab.compress_vocabulary` in ``student.config.kdforge_vocab``
+    and the ``student.kdforge_vocab_map`` buffer; :func:`kdforge.models.vocab.kept_ids_of`), :meth:`setup`
+    picks them up and the teacher's logits are restricted to them before the softmax, so the teacher's
+    distribution is renormalised over the kept words (the official ``--distill_logit_mask_map --unmap_vocab_output``).
 
     Decisions where the paper is silent:
 
@@ -136,7 +136,7 @@ class WordKD(LogitObjective):
         self.register_buffer("kept_ids", None, persistent=False)
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        kept = getattr(student, "kdforge_vocab_map", None) if student is not None else None
+        kept = kept_ids_of(student)
         if kept is None:
             self.kept_ids = None
             return

@@ -23,7 +23,7 @@ from kdforge.engine.trainer import Trainer, check_parts, make_accelerator, seed_
 from kdforge.io import atomic_write_json, read_json
 from kdforge.models.heads import classifier_size, head_size, replace_head
 from kdforge.models.loading import LoadedModel
-from kdforge.models.vocab import StudentIdsCollator
+from kdforge.models.vocab import StudentIdsCollator, id_map_of
 from kdforge.recipes.base import StageContext, StageData
 from kdforge.recipes.catalog import data_source_for, strategy_for
 from kdforge.run_folder import RunFolder
@@ -101,7 +101,7 @@ def stage_training_data(stage: StageConfig, data: StageData, teacher: LoadedMode
 def training_collator(data: StageData, learner: LoadedModel, teacher: LoadedModel | None):
     """The learner's collator; with a compressed vocabulary the batch is tokenized for the teacher and
     the learner gets its own ids."""
-    id_map = getattr(learner.model, "kdforge_id_map", None)
+    id_map = id_map_of(learner.model)
     if id_map is None or teacher is None:
         return data.collator(learner.tokenizer, train=True)
     return StudentIdsCollator(data.collator(teacher.tokenizer, train=True), id_map)
