@@ -30,6 +30,7 @@ def study_tree(job_tree, tmp_path) -> dict:
     return {"base": job_tree, "rows": {"ce only": {"objectives": [{"name": "ce"}]}, "kd": {}},
             "seeds": [0, 1], "baseline": "ce only", "heartbeat_s": 1,
             "claims": [{"a": "kd", "b": "ce only", "paper": 1.0, "source": "a paper"}],
+            "teacher_published": {"value": 0.9, "source": "a model card"},
             "output_dir": str(tmp_path / "study")}
 
 
@@ -67,6 +68,7 @@ def test_study_end_to_end(study_tree, one_thread, tmp_path):
     assert kd_row["difference"]["low"] == pytest.approx(diff.low) and kd_row["differs_in"] == ["objectives"]
     md = (folder / "study.md").read_text()
     assert "Teachers" in md and "Claims" in md and f"{100 * diff.mean:+.2f} pts" in md
+    assert "0.9000 (a model card)" in md
     assert "the paper reports +1.00 pts (a paper)" in md
     assert (folder / "study.html").read_text().startswith("<!DOCTYPE html>")
     # resumed: nothing is trained again, nothing changes

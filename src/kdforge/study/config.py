@@ -48,6 +48,11 @@ class ClaimConfig(Strict):
     text: str | None = Field(None, description="the claim in words; default: generated from a, b and metric")
 
 
+class PublishedScore(Strict):
+    value: float
+    source: str
+
+
 class StudyConfig(Strict):
     base: str | dict[str, Any]
     overrides: dict[str, Any] = Field(default_factory=dict, description="settings applied to every run")
@@ -58,6 +63,8 @@ class StudyConfig(Strict):
     claims: list[ClaimConfig] = Field(default_factory=list)
     teacher_floor: float | None = Field(None, description="the score every teacher must reach for the table to "
                                         "be evidence; default by metric (kdforge.study.floors)")
+    teacher_published: PublishedScore | None = Field(None, description="a published score of a comparable "
+                                                     "teacher, shown beside ours")
     teachers_dir: str | None = Field(None, description="where shared teachers are fine-tuned (default "
                                      "<output_dir>/teachers; another study may point at the same folder)")
     publish_dir: str | None = Field(None, description="a folder the report (study.md, study.json, study.html, "

@@ -223,12 +223,15 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
                                   f"{', '.join(todo)}."))
     blocks.append(("p", budget_line(tables)))
     if teachers:
+        published = study.teacher_published
         blocks += [("h2", "Teachers"), ("table", (
-            ["teacher", "task", "metric", "score", "trivial predictor", "floor", "rule", "clears"],
+            ["teacher", "task", "metric", "score", "trivial predictor", "floor", "rule", "clears",
+             *(["published"] if published else [])],
             [[t["teacher"], t["task"], t["metric"], f"{t['score']:.4f}" if t["score"] is not None else "n/a",
               f"{t['baseline']:.4f}" if t["baseline"] is not None else "n/a",
               f"{t['floor']:.4f}" if t["floor"] is not None else "n/a", t["rule"],
-              {True: "yes", False: "NO", None: "n/a"}[t["clears"]]] for t in teachers]))]
+              {True: "yes", False: "NO", None: "n/a"}[t["clears"]],
+              *([f"{published.value:.4f} ({published.source})"] if published else [])] for t in teachers]))]
     records, main_table = [], ""
     for point in tables.points:
         if tables.metric is None:
