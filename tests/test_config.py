@@ -65,9 +65,15 @@ def test_example_configs_are_valid():
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    paths = sorted((root / "configs").rglob("*.yaml")) + [root / "src/kdforge/configs/demo.yaml"]
-    assert len(paths) >= 7
+    studies = sorted((root / "configs" / "studies").glob("*.yaml"))
+    paths = sorted(set((root / "configs").rglob("*.yaml")) - set(studies)) + [root / "src/kdforge/configs/demo.yaml"]
+    assert len(paths) >= 7 and len(studies) >= 2
     from kdforge.recipes.catalog import check_stages
+    from kdforge.study.config import load_study
+    from kdforge.study.grid import expand
 
     for path in paths:
         check_stages(load_config(path))  # strategies, roles and objective parameters are valid too
+    for path in studies:  # a study: every run of its grid is a valid job
+        for run in expand(*load_study(path)):
+            check_stages(run.config())
