@@ -12,6 +12,7 @@ from accelerate import PartialState
 
 from kdforge.blackbox.teacher import BlackBoxes
 from kdforge.config import STUDENT, JobConfig, dump_config
+from kdforge.deploy.export import export_model
 from kdforge.errors import KDForgeError
 from kdforge.evaluation.model_report import ModelReport
 from kdforge.evaluation.run_report import (
@@ -21,7 +22,6 @@ from kdforge.evaluation.run_report import (
     write_metrics,
     write_student_card,
 )
-from kdforge.export import export_model
 from kdforge.io import atomic_write_json, atomic_write_text, read_json
 from kdforge.models.loading import LoadedModel
 from kdforge.preflight import check_job

@@ -225,8 +225,8 @@ def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def write_student_card(config: JobConfig, task: Task, run: RunFolder, saved: dict[str, Any]) -> Path:
-    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.model_card`)."""
-    from kdforge.model_card import write_model_card
+    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.deploy.model_card`)."""
+    from kdforge.deploy.model_card import write_model_card
 
     teacher_spec = config.teacher_configs()[primary_teacher(config)]
     teacher_source = teacher_spec.model if capabilities(config, primary_teacher(config)).weights \
