@@ -2,7 +2,7 @@
 
 CIFAR-10 (``../shared/data/cifar10``): the teacher is a ResNet20 trained by kdforge on all 50,000
 training images (6 epochs, AdamW lr 3e-3, batch 128; ``runs/bench-blackbox/teacher-resnet20``),
-served on loopback by ``kdforge.serve`` and reached only through kdforge's JSON protocol (class
+served on loopback by ``kdforge.blackbox.serve`` and reached only through kdforge's JSON protocol (class
 probabilities over HTTP), every answer cached. The student is a CIFAR ResNet8 (0.08M parameters;
 the paper's AlexNet-like net is not used), trained 10 epochs with AdamW lr 3e-3, batch 128, crop +
 flip. The few shots: a fixed random sample of 2,000 training images (labels hidden from every row but
@@ -46,12 +46,12 @@ import torch
 from tables import mean_std
 
 from kdforge import jobs
+from kdforge.blackbox.serve import model_predictor, serve, server_url
 from kdforge.config import validate_config
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.models.loading import load_model
 from kdforge.models.student import student_from_layers
 from kdforge.roles.teachers import load_teacher
-from kdforge.serve import model_predictor, serve, server_url
 from kdforge.tasks.base import build_task
 
 RESULTS = Path(__file__).parent / "results"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from kdforge.cache import IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.config import ObjectiveConfig, TaskConfig
 from kdforge.engine.batching import epoch_batches
 from kdforge.engine.step import TrainStep
@@ -29,6 +28,7 @@ from kdforge.models.student import student_from_layers
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.progress import Progress
 from kdforge.recipes.offline import OfflineStep
+from kdforge.recipes.teacher_cache import IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.recipes.teacher_sources import CachedTeacher, LiveTeacher
 from kdforge.tasks.base import build_task
 

@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdforge import jobs
-from kdforge.cache import densify, sparsify
 from kdforge.config import load_config, validate_config
 from kdforge.evaluation.evaluate import latency_of
 from kdforge.io import atomic_write_json, atomic_write_text
@@ -36,6 +35,7 @@ from kdforge.models.outputs import Outputs
 from kdforge.models.student import build_student
 from kdforge.models.vocab import StudentIdsCollator, restrict_teacher_logits
 from kdforge.objectives.word_kd import word_kd_loss
+from kdforge.recipes.teacher_cache import densify, sparsify
 from kdforge.roles.loading import training_texts
 from kdforge.tasks.base import build_task
 

@@ -18,7 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.config import JobConfig, validate_config
 from kdforge.engine.predict import predict
 from kdforge.engine.trainer import make_accelerator, seed_everything
@@ -28,6 +27,7 @@ from kdforge.models.student import build_student
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import train_model
+from kdforge.recipes.teacher_cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.recipes.teacher_sources import CachedTeacher
 from kdforge.roles.teachers import load_teacher
 from kdforge.tasks.base import build_task

@@ -1,4 +1,4 @@
-"""Run in spawned processes by tests/test_reliability_files.py: kept small (torch and kdforge.cache
+"""Run in spawned processes by tests/test_reliability_files.py: kept small (torch and kdforge.recipes.teacher_cache
 only, no transformers) so that a fresh interpreter starts fast."""
 
 import time
@@ -34,7 +34,7 @@ def collate(examples: list[dict]) -> dict:
 def share_one_cache(folder: str, worker: int, barrier, counter: str) -> None:
     """First hammer one file with save_torch_atomic, then build the cache entry that the other
     process builds at the same moment; the entry's logits are saved to ``logits-<worker>.pt``."""
-    import kdforge.cache as cache
+    import kdforge.recipes.teacher_cache as cache
     from kdforge.engine.checkpoint import save_torch_atomic
 
     barrier.wait()

@@ -18,6 +18,7 @@ from kdforge import jobs
 from kdforge.blackbox.clients import HttpTeacher
 from kdforge.blackbox.protocol import canonical_json, decode_image, encode_image, encode_text
 from kdforge.blackbox.query_cache import QueryCache
+from kdforge.blackbox.serve import model_predictor, serve, server_url
 from kdforge.blackbox.teacher import PROB_FLOOR, black_box_teacher, pixels_to_uint8
 from kdforge.cli import main, parser
 from kdforge.config import BlackBoxConfig, TaskConfig, validate_config
@@ -25,7 +26,6 @@ from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import load_model
 from kdforge.roles.teachers import load_teacher
-from kdforge.serve import model_predictor, serve, server_url
 from kdforge.tasks.base import build_task
 from tests.helpers import Killed, kill_at, tiny_bert
 
@@ -407,7 +407,7 @@ def test_wrong_answers_surface_as_one_line(tmp_path, text_task_config, student_d
 
 
 def test_kdforge_serve_serves_a_finished_run(http_run, monkeypatch, one_thread):
-    import kdforge.serve as serving
+    import kdforge.blackbox.serve as serving
 
     result, _, _ = http_run
     args = parser().parse_args(["serve", str(result.run_dir), "--port", "0", "--role", "student"])

@@ -29,10 +29,10 @@ from kdforge.blackbox.protocol import (
     input_key,
 )
 from kdforge.blackbox.query_cache import BudgetedTeacher, QueryCache
+from kdforge.blackbox.serve import model_predictor, run_predictor, serve, server_url
 from kdforge.config import TaskConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.loading import LoadedModel, load_model
-from kdforge.serve import model_predictor, run_predictor, serve, server_url
 from kdforge.tasks.base import build_task
 
 # ---------------------------------------------------------------------------- helpers

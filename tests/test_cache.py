@@ -6,11 +6,19 @@ import math
 import pytest
 import torch
 
-from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache, cache_key, densify, sparsify
 from kdforge.config import ObjectiveConfig
 from kdforge.models.adapter import ModelAdapter
 from kdforge.objectives.base import Objective, Progress
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.recipes.teacher_cache import (
+    CacheSpec,
+    IndexedCollator,
+    IndexedDataset,
+    TeacherCache,
+    cache_key,
+    densify,
+    sparsify,
+)
 from tests.helpers import offline_step, tiny_bert
 
 

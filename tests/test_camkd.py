@@ -11,8 +11,7 @@ from torch import nn
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.vision_nets import build_vision_net
-from kdforge.objectives.logit import kd_kl_loss
-from kdforge.recipes.camkd import (
+from kdforge.objectives.camkd import (
     DEFAULT_TEMPERATURE,
     DEFAULT_WEIGHTS,
     CAMKDLoss,
@@ -22,6 +21,7 @@ from kdforge.recipes.camkd import (
     feature_site,
     feature_term_active,
 )
+from kdforge.objectives.logit import kd_kl_loss
 
 BN_EPS = 1e-5
 

@@ -192,7 +192,7 @@ def test_compare_takes_each_runs_newest_bench_latency(exported_run, tmp_path):
 
 
 def test_the_printed_table_flags_a_noisy_latency_measurement(exported_run):
-    from kdforge.run_report import result_table
+    from kdforge.evaluation.run_report import result_table
 
     saved = json.loads((exported_run / "metrics.json").read_text())
     saved["latency"].update(noisy=True, noisy_reasons=["machine load 5.0 on 2 CPUs"])

@@ -15,13 +15,13 @@ from torch import nn
 import kdforge.io as kio
 from kdforge.evaluation import latency as latency_mod
 from kdforge.evaluation.latency import image_inputs, measure_latency, model_latency, text_inputs
-from kdforge.evaluation.report import (
+from kdforge.evaluation.model_report import (
     ModelReport,
     comparison_rows,
     comparison_summary,
     format_table,
 )
-from kdforge.evaluation.report_page import write_report
+from kdforge.evaluation.run_page import write_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.io import atomic_write_json, atomic_write_text
 from kdforge.problems.calibration import expected_calibration_error, reliability_bins
@@ -332,7 +332,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_footer_says_a_model_was_not_timed():
-    from kdforge.evaluation.report import ModelReport, footer_lines
+    from kdforge.evaluation.model_report import ModelReport, footer_lines
 
     untimed = ModelReport("teacher", {"accuracy": 0.9}, "accuracy", 0.05, 0, 0.0, {})
     timed = ModelReport("student", {"accuracy": 0.8}, "accuracy", 0.06, 10, 1.0, {"threads": 1, "repeats": 3})

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 import kdforge
 from kdforge import jobs
-from kdforge.cache import CacheSpec, TeacherCache, compute_outputs
 from kdforge.config import validate_config
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
@@ -20,6 +19,7 @@ from kdforge.models.loading import gguf_file, package_model_dir
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import Progress
 from kdforge.objectives.logit import NextTokenCrossEntropy
+from kdforge.recipes.teacher_cache import CacheSpec, TeacherCache, compute_outputs
 from kdforge.tasks.base import ListDataset
 from kdforge.tasks.language_model import LMCollator, next_token_targets
 from tests.helpers import bpe_corpus, tiny_llama, train_bpe_tokenizer
@@ -165,7 +165,7 @@ def test_per_token_cache_returns_real_positions_dense_or_top_k(lm_tree):
 
 
 def test_a_dense_per_token_cache_too_large_for_memory_is_refused(monkeypatch):
-    from kdforge import cache
+    from kdforge.recipes import teacher_cache as cache
 
     first = cache._token_rows(torch.randn(2, 3, 5000), torch.ones(2, 3), CacheSpec(dtype=torch.float16))
     assert first["logits"].shape == (6, 5000)  # 3 tokens x 5000 words x 2 bytes per example

@@ -22,7 +22,7 @@ from kdforge.evaluation.latency import (
     measure_latency,
     speedup_interval,
 )
-from kdforge.evaluation.report import ModelReport, comparison_summary
+from kdforge.evaluation.model_report import ModelReport, comparison_summary
 
 
 class FakeClock:

@@ -10,8 +10,11 @@ Rules: no import cycle, and a lower layer imports nothing from the layers above 
 the engine nothing from the objectives or the recipes (the engine knows no objective); the tasks nothing
 from the evaluation; the problem kinds (``kdforge.problems``, below both) nothing from either, nor from
 the engine, models, objectives or recipes; the models nothing from the engine, evaluation, tasks,
-objectives or recipes (the engine and the evaluation run models, not the other way round); the file
-helpers (``kdforge.io``) nothing from any of them.
+objectives or recipes (the engine and the evaluation run models, not the other way round); the
+objectives (loss math, CA-MKD's included) nothing from the recipes that assemble them, the evaluation or
+the roles; the export code (``kdforge.deploy``) nothing from the engine, evaluation, tasks, objectives,
+recipes or roles (the evaluation and the roles export, not the other way round); the file helpers
+(``kdforge.io``) nothing from any of them.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ BELOW = {
                          "kdforge.objectives", "kdforge.recipes"),
     "kdforge.models": ("kdforge.engine", "kdforge.evaluation", "kdforge.tasks", "kdforge.objectives",
                        "kdforge.recipes"),
+    "kdforge.objectives": ("kdforge.recipes", "kdforge.evaluation", "kdforge.roles"),
+    "kdforge.deploy": ("kdforge.engine", "kdforge.evaluation", "kdforge.tasks", "kdforge.objectives",
+                       "kdforge.recipes", "kdforge.roles"),
     "kdforge.io": ("kdforge.engine", "kdforge.evaluation", "kdforge.tasks", "kdforge.models",
                    "kdforge.objectives", "kdforge.recipes", "kdforge.problems"),
 }
@@ -195,7 +201,7 @@ def test_no_import_cycles(graph):
 def test_a_lower_layer_imports_nothing_above_it(graph, package):
     """The engine knows no objective or recipe; tasks score models with their problem kind, not with
     evaluation/; the problem kinds sit below both; models/ sits below the engine and the evaluation;
-    kdforge.io below everything."""
+    objectives/ below the recipes; deploy/ below the evaluation and the roles; kdforge.io below everything."""
     bad = upward_imports(graph, package, BELOW[package])
     assert not bad, f"{package} imports from {', '.join(BELOW[package])}: " + "; ".join(
         f"{m} -> {t} (line {', '.join(map(str, graph[m][t]))})" for m, t in bad)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from kdforge.model_card import write_model_card
+from kdforge.deploy.model_card import write_model_card
 from tests.helpers import tiny_bert
 
 LABELS = ["negative", "positive"]
@@ -82,7 +82,7 @@ def test_pipeline_loads_the_folder_and_the_card_snippet_runs(student_dir):
 
 
 def test_vision_export_card(tmp_path):
-    from kdforge.export import export_model
+    from kdforge.deploy.export import export_model
     from kdforge.models.loading import LoadedModel
     from kdforge.models.vision_nets import build_vision_net
 

@@ -14,12 +14,12 @@ from torch import nn
 
 from kdforge.config import ObjectiveConfig
 from kdforge.errors import KDForgeError
-from kdforge.hint_points import hint_points_for, layer_similarity, linear_cka, select_hint_points
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.base import Progress, build_objective
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.hint import Regressor, hint_loss
+from kdforge.objectives.hint_points import hint_points_for, layer_similarity, linear_cka, select_hint_points
 from kdforge.objectives.pkd import patience_loss, pkd_layer_map
 from kdforge.objectives.tinybert import (
     AttentionSpec,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdforge.cache import CacheSpec, TeacherCache, compute_outputs, read_entry
 from kdforge.engine import checkpoint as ckpt
 from kdforge.errors import KDForgeError
 from kdforge.io import file_record, read_json
+from kdforge.recipes.teacher_cache import CacheSpec, TeacherCache, compute_outputs, read_entry
 from tests.helpers import tiny_bert, tiny_llama
 from tests.reliability_worker import bag_teacher, rows, share_one_cache
 from tests.reliability_worker import collate as bag_collate
@@ -198,7 +198,7 @@ def test_two_processes_sharing_one_cache_both_succeed_and_build_an_entry_once(tm
 
 
 def test_compute_outputs_restores_the_teacher_mode_when_the_size_guard_refuses(monkeypatch):
-    from kdforge import cache
+    from kdforge.recipes import teacher_cache as cache
 
     teacher = tiny_llama(50, 16).train()
     rows = [{"input_ids": torch.randint(3, 50, (6,))} for _ in range(4)]

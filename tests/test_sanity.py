@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Subset
 
 from kdforge.config import TaskConfig
-from kdforge.evaluation.report import ModelReport
+from kdforge.evaluation.model_report import ModelReport
 from kdforge.evaluation.sanity import majority_baseline, per_class_report, sanity_warnings
 from kdforge.problems import Regression
 from kdforge.tasks.base import build_task

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdforge.config import StudentConfig, apply_overrides, validate_config
+from kdforge.deploy.export import export_model
 from kdforge.errors import KDForgeError
-from kdforge.export import export_model
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.models.student import build_student, evenly_spaced_layers, student_sliced
 from kdforge.models.vision_nets import build_vision_net

@@ -15,8 +15,8 @@ import kdforge.tasks.text  # noqa: F401
 import kdforge.tasks.vision  # noqa: F401
 from kdforge.config import TaskConfig, validate_config
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.report import ModelReport, format_table, selection_line
-from kdforge.evaluation.report_page import write_report
+from kdforge.evaluation.model_report import ModelReport, format_table, selection_line
+from kdforge.evaluation.run_page import write_report
 from kdforge.tasks.base import TASKS, Task
 from kdforge.tasks.validation import carve_indices, validation_size
 from tests.test_vision import cifar_members, write_zip

@@ -343,7 +343,7 @@ def test_a_saved_and_reloaded_student_carries_its_vocabulary_map(bpe_tokenizer, 
     from transformers import AutoModelForCausalLM
 
     from kdforge.config import ObjectiveConfig
-    from kdforge.export import export_model
+    from kdforge.deploy.export import export_model
     from kdforge.models.loading import LoadedModel
     from kdforge.models.student import student_from_layers
     from kdforge.models.vocab import StudentIdsCollator, id_map_of, kept_ids_of

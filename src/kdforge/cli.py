@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwritten to {folder}")
         return 0
     if args.command == "serve":
-        from kdforge.serve import serve_run
+        from kdforge.blackbox.serve import serve_run
 
         serve_run(args.target, args.role, args.host, args.port)
         return 0

@@ -218,7 +218,7 @@ class TrainConfig(Strict):
 
 
 class TeacherCacheConfig(Strict):
-    """Compute a frozen teacher's outputs once and reuse them across epochs and runs (kdforge.cache)."""
+    """Compute a frozen teacher's outputs once and reuse them across epochs and runs (kdforge.recipes.teacher_cache)."""
 
     enabled: bool = True
     dtype: Literal["float32", "float16"] = "float32"
@@ -341,7 +341,7 @@ class StageConfig(Strict):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     teacher_source: Literal["auto", "live", "cache"] = Field(
         "auto", description="where frozen teachers' outputs come from: cache = computed once and stored "
-        "(kdforge.cache), live = every step, auto = the cache where it is exact")
+        "(kdforge.recipes.teacher_cache), live = every step, auto = the cache where it is exact")
     objectives: list[ObjectiveConfig]
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the job's train section")
     head: Literal["keep", "reinit"] = Field("keep", description="reinit: a fresh classification head first")

@@ -12,9 +12,16 @@ from accelerate import PartialState
 
 from kdforge.blackbox.teacher import BlackBoxes
 from kdforge.config import STUDENT, JobConfig, dump_config
+from kdforge.deploy.export import export_model
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.report import ModelReport
-from kdforge.export import export_model
+from kdforge.evaluation.model_report import ModelReport
+from kdforge.evaluation.run_report import (
+    evaluate_run,
+    result_table,
+    write_exports,
+    write_metrics,
+    write_student_card,
+)
 from kdforge.io import atomic_write_json, atomic_write_text, read_json
 from kdforge.models.loading import LoadedModel
 from kdforge.preflight import check_job
@@ -26,13 +33,6 @@ from kdforge.roles.base import primary_teacher
 from kdforge.roles.loading import load_models, load_run_models, trained_roles
 from kdforge.roles.teachers import finetune_teacher
 from kdforge.run_folder import Results, RunFolder
-from kdforge.run_report import (
-    evaluate_run,
-    result_table,
-    write_exports,
-    write_metrics,
-    write_student_card,
-)
 from kdforge.tasks.base import Task, build_task
 
 log = logging.getLogger("kdforge")
@@ -132,7 +132,7 @@ def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
                history: list | None, timer: PhaseTimer, onnx_files: dict[str, Path], out: Results | None = None,
                function: str = "distill") -> RunResult:
     """Every form of the primary teacher and the student measured on the reported split (see
-    :mod:`kdforge.run_report`), the report and ``metrics.json`` written into ``out`` (the run folder
+    :mod:`kdforge.evaluation.run_report`), the report and ``metrics.json`` written into ``out`` (the run folder
     by default)."""
     out = out or run
     teacher_role = primary_teacher(config)
@@ -182,7 +182,7 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     from kdforge.evaluation.evaluate import time_forms
     from kdforge.evaluation.latency import describe_latency_noise
     from kdforge.evaluation.render import render_markdown
-    from kdforge.run_report import build_forms, latency_table
+    from kdforge.evaluation.run_report import build_forms, latency_table
 
     config, run = RunFolder.open_finished(target, overrides)
     task = build_task(config.task)

@@ -54,7 +54,7 @@ from kdforge.processes import MainProcessOnly, launch_rank
 
 log = logging.getLogger("kdforge")
 
-#: the report's images (drawn by :mod:`kdforge.evaluation.report_page` when there is something to show)
+#: the report's images (drawn by :mod:`kdforge.evaluation.run_page` when there is something to show)
 REPORT_IMAGES = ("reliability.png", "training.png", "score-latency.png")
 PREVIOUS_RUN = ".previous-run"
 

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 
 from kdforge.errors import KDForgeError
+from kdforge.evaluation.model_report import finite_number, fmt
 from kdforge.evaluation.plots import score_latency_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
-from kdforge.evaluation.report import finite_number, fmt
 from kdforge.io import atomic_write_bytes, atomic_write_text, read_json
 from kdforge.run_folder import RunFolder
 

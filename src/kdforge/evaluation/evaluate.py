@@ -20,7 +20,7 @@ from torch import nn
 from kdforge.config import EvalConfig
 from kdforge.engine.predict import predict
 from kdforge.evaluation.latency import image_inputs, interleaved_latency, text_inputs
-from kdforge.evaluation.report import ModelReport
+from kdforge.evaluation.model_report import ModelReport
 from kdforge.evaluation.sanity import per_class_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.models.adapter import ModelAdapter

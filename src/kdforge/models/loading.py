@@ -177,7 +177,7 @@ def load_model(spec: str, task: Any, config_key: str = "teacher.model", trained_
 
 
 def load_vision_export(folder: str | Path, num_classes: int, in_channels: int = 3) -> LoadedModel:
-    """A built-in vision net written by :func:`kdforge.export.export_model` (``model.safetensors`` +
+    """A built-in vision net written by :func:`kdforge.deploy.export.export_model` (``model.safetensors`` +
     ``kdforge_model.json`` naming the architecture)."""
     folder = Path(folder)
     meta = json.loads((folder / VISION_META).read_text())

@@ -199,7 +199,7 @@ class Hint(Objective):
     averaged over batch and positions; pairs are summed. ``activation`` gives the regressor the hint
     layer's non-linearity as the paper asks (default none: hidden states after LayerNorm have none).
     Widths come from the models (config.hidden_size, or the hooked module's last sized submodule);
-    ``widths`` overrides them. ``kdforge.hint_points.hint_points_for`` picks ``teacher_layer`` values
+    ``widths`` overrides them. ``kdforge.objectives.hint_points.hint_points_for`` picks ``teacher_layer`` values
     by clustering the teacher's layers on their CKA similarity.
     """
 

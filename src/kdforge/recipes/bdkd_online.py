@@ -62,7 +62,7 @@ from kdforge.models.adapter import ModelAdapter
 from kdforge.objectives.bdkd import BDKD, BDKDParams
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.dml import PeerStep, check_online_stage, trainable_peers
+from kdforge.recipes.online import PeerStep, check_online_stage, trainable_peers
 
 
 class BDKDOnlineParams(BaseModel):

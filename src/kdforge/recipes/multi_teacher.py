@@ -7,7 +7,7 @@ more roles; the stage's own ``objectives`` (usually ``[{name: ce}]``) are added 
   KD term bound to each teacher with weight ``kd_weight / K`` (so each teacher can be served from
   its own cache, at the term's temperature). This is CA-MKD's code's averaging baseline
   (batchmean KL x T^2 per teacher, mean over teachers).
-* ``weighting: camkd``: Zhang, Chen & Wang (ICASSP 2022), :mod:`kdforge.recipes.camkd`:
+* ``weighting: camkd``: Zhang, Chen & Wang (ICASSP 2022), :mod:`kdforge.objectives.camkd`:
   ``kd_weight * L_kd + feature_weight * L_feat`` (``L_feat`` from the second epoch), with per-sample
   teacher weights from each teacher's cross-entropy; defaults T 4, CE 1 / KD 1 / feature 50 when
   the stage's objectives are ``[ce]``. The teachers run live (their features and heads are read).
@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from kdforge.config import ObjectiveConfig
 from kdforge.errors import KDForgeError
+from kdforge.objectives.camkd import DEFAULT_TEMPERATURE, DEFAULT_WEIGHTS, CAMKDLoss, feature_site, feature_term_active
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
-from kdforge.recipes.camkd import DEFAULT_TEMPERATURE, DEFAULT_WEIGHTS, CAMKDLoss, feature_site, feature_term_active
 from kdforge.recipes.offline import OfflineStep, stage_parts
 from kdforge.recipes.teacher_sources import LiveTeacher
 

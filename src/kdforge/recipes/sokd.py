@@ -72,6 +72,7 @@ from kdforge.objectives.logit import kd_kl_loss
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.offline import OfflineStep, stage_parts
+from kdforge.recipes.online import stage_index
 from kdforge.recipes.teacher_sources import LiveTeacher
 
 SUPPORTED = ("kdforge's CIFAR nets (stem, layer1..layer3, post_act, pool, fc: resnet*, wrn_*, small_cnn) and "
@@ -234,10 +235,6 @@ class SOKDStep(OfflineStep):
         return {**super().parts(), "bridge": self.bridge}
 
 
-def _stage_index(config: JobConfig, stage: StageConfig) -> int:
-    return next((i for i, s in enumerate(config.all_stages()) if s is stage), 0)
-
-
 @STRATEGIES.register("sokd")
 class SOKD(Strategy):
     """``strategy: {name: sokd}``: one frozen live teacher, a trainable knowledge bridge, the student."""
@@ -247,7 +244,7 @@ class SOKD(Strategy):
     needs = frozenset({"gold_labels"})
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:
-        n = _stage_index(config, stage)
+        n = stage_index(config, stage)
         where = f"stage {stage.name!r}: strategy sokd"
         if stage.teacher_source == "cache":
             raise KDForgeError(f"{where} runs the teacher live (its bridge reads the teacher's intermediate "

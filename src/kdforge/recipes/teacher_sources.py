@@ -2,7 +2,7 @@
 
 * ``live``: the model runs on every batch (frozen: eval mode, no gradients).
 * ``cache``: a frozen model's outputs computed once over the training split and stored on disk
-  (:mod:`kdforge.cache`), looked up by each example's ``index``. The cache is exact only for a
+  (:mod:`kdforge.recipes.teacher_cache`), looked up by each example's ``index``. The cache is exact only for a
   frozen teacher whose needed outputs it stores, on inputs without random augmentation; it is
   keyed by the temperature of the terms bound to that teacher (the top-k tail is fitted there).
 * ``auto`` (default): the cache where it is exact, else live.
@@ -23,12 +23,12 @@ import torch
 from accelerate import PartialState
 from torch import nn
 
-from kdforge.cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.recipes.base import StageContext
+from kdforge.recipes.teacher_cache import CacheSpec, IndexedCollator, IndexedDataset, TeacherCache
 
 log = logging.getLogger("kdforge")
 

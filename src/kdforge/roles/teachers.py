@@ -17,9 +17,9 @@ from pathlib import Path
 
 from kdforge.blackbox.teacher import BlackBoxes, black_box_teacher
 from kdforge.config import PRIMARY_TEACHER, JobConfig, ObjectiveConfig, TeacherConfig
+from kdforge.deploy.export import export_model
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
-from kdforge.export import export_model
 from kdforge.io import atomic_write_json, read_json
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model

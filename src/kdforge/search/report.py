@@ -11,9 +11,9 @@ from typing import Any
 import optuna
 
 from kdforge.config import JobConfig
+from kdforge.evaluation.model_report import NA, ModelReport, finite_number, fmt, latency_ms
 from kdforge.evaluation.plots import best_so_far_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
-from kdforge.evaluation.report import NA, ModelReport, finite_number, fmt, latency_ms
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from kdforge.run_folder import RunFolder
 

@@ -2,12 +2,12 @@
 the generic ``csv`` / ``jsonl`` file tasks.
 
 Importing this module registers all of them in :data:`kdforge.tasks.base.TASKS`; the code lives in
-:mod:`kdforge.tasks.glue`, :mod:`kdforge.tasks.tabular` and the shared :mod:`kdforge.tasks.text_base`.
+:mod:`kdforge.tasks.glue`, :mod:`kdforge.tasks.text_files` and the shared :mod:`kdforge.tasks.text_base`.
 """
 
 from kdforge.tasks.glue import MRPC, RTE, SST2, STSB, CoLA, GlueTask
-from kdforge.tasks.tabular import CsvTask, FileTask, JsonlTask
 from kdforge.tasks.text_base import TextCollator, TextTask
+from kdforge.tasks.text_files import CsvTask, FileTask, JsonlTask
 
 __all__ = ["CoLA", "CsvTask", "FileTask", "GlueTask", "JsonlTask", "MRPC", "RTE", "SST2", "STSB",
            "TextCollator", "TextTask"]

@@ -26,7 +26,7 @@ _HUB_DATASETS: dict[str, tuple[str, str, str | None, str]] = {
 }
 
 _PATH_PLACEHOLDER = "path/to/this/folder"  # in the loading snippets: the folder, or its Hub repo id
-_VISION_META = "kdforge_model.json"  # written beside a built-in vision net's weights (kdforge.export)
+_VISION_META = "kdforge_model.json"  # written beside a built-in vision net's weights (kdforge.deploy.export)
 
 
 def _number(value: Any) -> bool:

@@ -20,9 +20,7 @@ from typing import Any
 import yaml
 
 from kdforge.evaluation.latency import describe_latency_noise
-from kdforge.evaluation.plots import reliability_png, score_latency_png, training_curves_png
-from kdforge.evaluation.render import Block, render_html, render_markdown
-from kdforge.evaluation.report import (
+from kdforge.evaluation.model_report import (
     NA,
     ModelReport,
     as_table,
@@ -34,6 +32,8 @@ from kdforge.evaluation.report import (
     ratio_of,
     selection_line,
 )
+from kdforge.evaluation.plots import reliability_png, score_latency_png, training_curves_png
+from kdforge.evaluation.render import Block, render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_text
 from kdforge.run_folder import REPORT_IMAGES, Results
 

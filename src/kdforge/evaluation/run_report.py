@@ -22,8 +22,8 @@ from kdforge.blackbox.teacher import stats_line
 from kdforge.config import STUDENT, JobConfig, dump_config
 from kdforge.evaluation.evaluate import Form, onnx_form, pytorch_form, score_form, time_forms
 from kdforge.evaluation.latency import describe_latency_noise
-from kdforge.evaluation.report import ModelReport, comparison_summary, format_table
-from kdforge.evaluation.report_page import Findings, write_report
+from kdforge.evaluation.model_report import ModelReport, comparison_summary, format_table
+from kdforge.evaluation.run_page import Findings, write_report
 from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
 from kdforge.io import atomic_write_json, read_json
 from kdforge.models.loading import LoadedModel
@@ -225,8 +225,8 @@ def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def write_student_card(config: JobConfig, task: Task, run: RunFolder, saved: dict[str, Any]) -> Path:
-    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.model_card`)."""
-    from kdforge.model_card import write_model_card
+    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.deploy.model_card`)."""
+    from kdforge.deploy.model_card import write_model_card
 
     teacher_spec = config.teacher_configs()[primary_teacher(config)]
     teacher_source = teacher_spec.model if capabilities(config, primary_teacher(config)).weights \

@@ -10,7 +10,7 @@ The comparison has one row per model and a third row, ``student / teacher``, tha
 
 Latency cells are the median milliseconds from :func:`kdforge.evaluation.latency.measure_latency`.
 A ``majority class`` row (the trivial baseline on the same split) sits under the student when given.
-The documents (``report.md``, ``report.html``) are assembled in :mod:`kdforge.evaluation.report_page`.
+The documents (``report.md``, ``report.html``) are assembled in :mod:`kdforge.evaluation.run_page`.
 """
 
 from __future__ import annotations
