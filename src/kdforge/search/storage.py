@@ -25,11 +25,11 @@ def open_storage(url: str, heartbeat_s: int, key: str, what: str, retry_stale: b
         raise KDForgeError(f"{key} {url!r} is not a database URL; give sqlite:///PATH or "
                            "postgresql://USER@HOST:PORT/DB")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=2) if retry_stale else None
     for attempt in range(3):  # workers starting together race to create the tables: the loser retries
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8: used as documented
                 warnings.simplefilter("ignore", ExperimentalWarning)
+                retry = RetryHeartbeatStaleTrialCallback(max_retry=2) if retry_stale else None
                 return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
                                   grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=retry)
         except Exception as err:  # noqa: BLE001  (sqlalchemy / driver errors of every kind)

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from kdforge.config import validate_config
 from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_text
+from kdforge.run_folder import RunFolder
 from kdforge.search.storage import open_storage
 from kdforge.study.config import StudyConfig, load_study
 from kdforge.study.grid import RunSpec, expand
@@ -135,18 +136,17 @@ def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str
     task = tasks[task_key]
     models = ensure_shared_teachers(config, task, teachers_dir)
     job = validate_config(with_shared_teachers(run.tree, models), f"study run {run.key!r}")
-    run_dir = Path(job.output_dir)
-    saved_config = run_dir / "config.yaml"
-    changed = (run_dir / "metrics.json").is_file() and saved_config.is_file() and \
-        yaml.safe_load(saved_config.read_text()) != job.model_dump(mode="json")
+    folder = RunFolder.of(job)
+    changed = folder.finished and folder.config_file.is_file() and \
+        yaml.safe_load(folder.config_file.read_text()) != job.model_dump(mode="json")
     if changed:
-        log.info("%s: the finished run there had other settings; it is replaced once this one completes", run_dir)
+        log.info("%s: the finished run there had other settings; it is replaced once this one completes", folder.root)
     run_distill(job, resume=not changed, overwrite=changed)
     primary = next(iter(job.teacher_configs()))
     spec = config.teacher_configs()[primary]
     teacher_id = models[primary].parent.name if primary in models else \
         (spec.model or f"black box {spec.black_box.version or ''}".strip())
-    return run_summary(run_dir / "metrics.json", run, teacher_id, task.greater_is_better)
+    return run_summary(folder.metrics, run, teacher_id, task.greater_is_better)
 
 
 def eta_line(study: optuna.Study, runs: list[RunSpec], started: float) -> str:
