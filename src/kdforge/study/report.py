@@ -40,10 +40,11 @@ def shown(value: float | None, metric: str, signed: bool = False) -> str:
     return f"{scaled:+.2f}" if signed else f"{scaled:.2f}"
 
 
-def interval_text(iv: Interval | None, metric: str) -> str:
+def interval_text(iv: Interval | None, metric: str, signed: bool = True) -> str:
+    """``[low, high]``; ``signed`` for a difference."""
     if iv is None or iv.low is None:
         return "n/a (one seed)"
-    return f"[{shown(iv.low, metric, True)}, {shown(iv.high, metric, True)}]"
+    return f"[{shown(iv.low, metric, signed)}, {shown(iv.high, metric, signed)}]"
 
 
 def seed_values(summaries: dict[int, dict], metric: str) -> dict[int, float]:
@@ -119,7 +120,7 @@ def row_table(tables: StudyTables, point: str) -> tuple[list[str], list[list[str
         mean_std = "n/a" if iv is None else \
             f"{shown(iv.mean, metric)} ± {shown(iv.std, metric) if iv.std is not None else 'n/a'}"
         ece, params, b32 = mean_of(cell, "ece"), mean_of(cell, "params"), mean_of(cell, "latency_b32_ms")
-        rows.append([row, str(len(values)), mean_std, interval_text(iv, metric),
+        rows.append([row, str(len(values)), mean_std, interval_text(iv, metric, signed=False),
                      shown(diff.mean, metric, True) if diff else "", interval_text(diff, metric) if diff else "",
                      word, shown(ece, "ece"), f"{params / 1e6:.2f}M" if params else "n/a",
                      f"{b32:.1f}" if b32 else "n/a", flag])
@@ -205,7 +206,8 @@ def budget_line(tables: StudyTables) -> str:
     rows = f"{task.train_limit:,} training rows" if task.train_limit else "the full training set"
     teachers = ", ".join(f"{role} {t.model} ({t.finetune.epochs} fine-tuning epochs)" if t.finetune else
                          f"{role} {t.model or 'black box'}" for role, t in config.teacher_configs().items())
-    return (f"Budget: {task.name}, {rows}; students {train.epochs} epochs at batch {train.batch_size}, lr {train.lr:g} "
+    epochs = f"{train.epochs} epoch{'s' if train.epochs != 1 else ''}"
+    return (f"Budget: {task.name}, {rows}; students {epochs} at batch {train.batch_size}, lr {train.lr:g} "
             f"(unless a row changes it); seeds {tables.study.seeds}; teachers: {teachers}. Intervals: 95% Student-t "
             "over seeds (paired by seed for differences), assuming normal differences.")
 
