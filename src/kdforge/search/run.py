@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from kdforge.search.report import trial_records, write_search_report
 from kdforge.search.space import SearchSpace
 from kdforge.search.study import FINISHED, finished_count, make_storage, open_study, storage_url
 from kdforge.search.trial import SearchContext, run_trial
+from kdforge.search.workers import run_with_local_workers, worker_threads
 from kdforge.tasks.base import build_task
 
 log = logging.getLogger("kdforge")
@@ -88,10 +87,6 @@ def load_teachers(config: JobConfig, task) -> dict:
     return {role: load_teacher(config, task, role=role) for role in config.teacher_configs()}
 
 
-def worker_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
 def run_worker(ctx: SearchContext, study: optuna.Study) -> None:
     """Run trials until the study holds ``search.trials`` finished ones."""
     search = ctx.config.search
@@ -100,12 +95,6 @@ def run_worker(ctx: SearchContext, study: optuna.Study) -> None:
         return
     study.optimize(lambda trial: run_trial(ctx, trial, pareto, prune),
                    callbacks=[optuna.study.MaxTrialsCallback(search.trials, states=FINISHED)])
-
-
-def spawn_workers(config_path: Path, count: int, threads: int) -> list[subprocess.Popen]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "kdforge.cli", "search", str(config_path), "--join"]
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
 
 
 def ranked_trials(study: optuna.Study, config: JobConfig) -> list[optuna.trial.FrozenTrial]:
@@ -178,14 +167,7 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
              config.search.objective, finished_count(study), config.search.trials, storage_url(config))
     ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),
                         teachers, space, folder)
-    helpers = spawn_workers(config_path, workers - 1, worker_threads(workers)) if workers > 1 else []
-    try:
-        run_worker(ctx, study)
-    finally:
-        failed = [p.wait() for p in helpers]
-    if any(failed):
-        log.warning("%d worker process(es) ended with an error; their running trials are retried by the next "
-                    "search run", sum(1 for code in failed if code))
+    run_with_local_workers("search", config_path, workers, lambda: run_worker(ctx, study))
     if join:
         return None
     best = distill_best(config, study, folder) if config.search.final_top else []

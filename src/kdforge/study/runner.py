@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, fail_stale_trials
@@ -38,6 +35,7 @@ from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_text
 from kdforge.run_folder import RunFolder
 from kdforge.search.storage import open_storage
+from kdforge.search.workers import run_with_local_workers
 from kdforge.study.config import StudyConfig, load_study
 from kdforge.study.grid import RunSpec, expand
 from kdforge.study.summary import run_summary
@@ -200,16 +198,6 @@ def run_worker(study_cfg: StudyConfig, study: optuna.Study, runs: list[RunSpec])
         log.info("study %s: %s", study.study_name, eta_line(study, runs, started))
 
 
-def worker_threads(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // workers)
-
-
-def spawn_workers(config_path: Path, count: int, threads: int) -> list[subprocess.Popen]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "kdforge.cli", "study", str(config_path), "--join"]
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
-
-
 def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join: bool = False,
               report_only: bool = False) -> StudyResult | None:
     """Run (resume, or join) the study; write its report unless ``join``. See the module docstring."""
@@ -234,18 +222,10 @@ def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join:
             config = run.config()
             check_job(config, "distill")
             check_stages(config)
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
         log.info("study %s: %d runs (%d rows x %d points x %d seeds), storage %s; %s", study.study_name, len(runs),
                  len(study_cfg.row_names()), len(runs) // (len(study_cfg.row_names()) * len(study_cfg.seeds)),
                  len(study_cfg.seeds), storage_url(study_cfg), eta_line(study, runs, time.time()))
-        helpers = spawn_workers(config_path, workers - 1, worker_threads(workers)) if workers > 1 else []
-        try:
-            run_worker(study_cfg, study, runs)
-        finally:
-            failed = [p.wait() for p in helpers]
-        if any(failed):
-            log.warning("%d worker process(es) ended with an error; their runs are run again by the next "
-                        "`kdforge study`", sum(1 for code in failed if code))
+        run_with_local_workers("study", config_path, workers, lambda: run_worker(study_cfg, study, runs))
     if join:
         return None
     summaries = finished(study, runs)
