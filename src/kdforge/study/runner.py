@@ -1,9 +1,10 @@
 """``kdforge study CONFIG``: run a grid of whole jobs on Optuna storage, then write the study report.
 
 Each run of the grid (:mod:`kdforge.study.grid`) is one Optuna trial, named by its key in the trial's
-``run`` attribute. A worker repeatedly takes the first run that no worker has finished or is running,
-claims it by creating a trial, and yields it when a trial with a lower number claimed the same run at
-the same moment (so two workers never run one run, on one machine or many). While a run trains, its
+``run`` attribute, set when the trial is created (enqueued). A worker repeatedly takes the first run that
+no worker has finished or is running, enqueues a trial for it and asks for a trial (the oldest waiting
+one, its own or another worker's); it runs that trial's run unless a trial with a lower number holds the
+same run (waiting or running): so two workers never run one run, on one machine or many. While a run trains, its
 worker sends heartbeats; a run whose worker went silent for twice ``heartbeat_s`` is failed by the
 next worker that looks and run again from its checkpoint (``run_distill(resume=True)``). A finished
 run's summary (:func:`kdforge.study.summary.run_summary`) is kept in its trial, so the report can be
@@ -76,12 +77,12 @@ def finished(study: optuna.Study, runs: list[RunSpec]) -> dict[str, dict[str, An
     return done
 
 
-def running(study: optuna.Study, exclude: int | None = None) -> dict[str, int]:
-    """Run key -> the lowest trial number running it (besides trial ``exclude``)."""
+def running(study: optuna.Study, states=(TrialState.RUNNING,)) -> dict[str, int]:
+    """Run key -> the lowest number of the trials in ``states`` that hold it."""
     busy: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=states):
         key = trial.user_attrs.get("run")
-        if key is not None and trial.number != exclude:
+        if key is not None:
             busy[key] = min(trial.number, busy.get(key, trial.number))
     return busy
 
@@ -105,21 +106,22 @@ def heartbeat(storage: RDBStorage, trial_id: int, every_s: float) -> Iterator[No
         thread.join()
 
 
-def claim(study: optuna.Study, run: RunSpec) -> optuna.Trial | None:
-    """A trial running ``run`` for this worker, or None when another worker claimed it first."""
+def claim(study: optuna.Study, run: RunSpec) -> tuple[optuna.Trial, str] | None:
+    """A trial for this worker and the key of the run it holds (``run``'s, or that of a run another worker
+    enqueued a moment before), or None when a trial with a lower number holds the same run."""
+    study.enqueue_trial({}, user_attrs={"run": run.key, "config_hash": run.config_hash})
     with warnings.catch_warnings():  # heartbeats outside Study.optimize: this module sends them itself
         warnings.simplefilter("ignore", UserWarning)
         trial = study.ask()
-    trial.set_user_attr("run", run.key)
-    trial.set_user_attr("config_hash", run.config_hash)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     study._storage.record_heartbeat(trial._trial_id)
-    first = running(study).get(run.key)
-    if first is not None and first < trial.number:  # a worker claimed it a moment before us
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    key = trial.user_attrs["run"]
+    first = running(study, (TrialState.WAITING, TrialState.RUNNING)).get(key)
+    if first is not None and first < trial.number:  # another trial holds this run
         trial.set_user_attr("duplicate_of", first)
         study.tell(trial, state=TrialState.FAIL)
         return None
-    return trial
+    return trial, key
 
 
 def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str, Any]:
@@ -176,9 +178,14 @@ def run_worker(study_cfg: StudyConfig, study: optuna.Study, runs: list[RunSpec])
         todo = [r for r in runs if r.key not in done and r.key not in busy and r.key not in tried]
         if not todo:
             return
-        run = todo[0]
-        trial = claim(study, run)
-        if trial is None:
+        claimed = claim(study, todo[0])
+        if claimed is None:
+            continue
+        trial, key = claimed
+        run = next((r for r in runs if r.key == key and r.config_hash == trial.user_attrs.get("config_hash")), None)
+        if run is None:  # enqueued by a worker with other settings: not a run of this study as it is now
+            trial.set_user_attr("error", "not a run of this study's current settings")
+            study.tell(trial, state=TrialState.FAIL)
             continue
         tried.add(run.key)
         log.info("study run %s (%s)", run.key, run.tree["output_dir"])
