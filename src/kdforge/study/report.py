@@ -42,7 +42,9 @@ def shown(value: float | None, metric: str, signed: bool = False) -> str:
 
 def interval_text(iv: Interval | None, metric: str, signed: bool = True) -> str:
     """``[low, high]``; ``signed`` for a difference."""
-    if iv is None or iv.low is None:
+    if iv is None:
+        return "n/a (no run yet)"
+    if iv.low is None:
         return "n/a (one seed)"
     return f"[{shown(iv.low, metric, signed)}, {shown(iv.high, metric, signed)}]"
 
@@ -204,6 +206,8 @@ def budget_line(tables: StudyTables) -> str:
     config = spec.config()
     task, train = config.task, config.train
     rows = f"{task.train_limit:,} training rows" if task.train_limit else "the full training set"
+    if isinstance(task.validation, float):
+        rows += f" ({task.validation:.0%} of them carved off as the validation split that selects)"
     teachers = ", ".join(f"{role} {t.model} ({t.finetune.epochs} fine-tuning epochs)" if t.finetune else
                          f"{role} {t.model or 'black box'}" for role, t in config.teacher_configs().items())
     epochs = f"{train.epochs} epoch{'s' if train.epochs != 1 else ''}"

@@ -236,5 +236,6 @@ def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join:
     if join:
         return None
     summaries = finished(study, runs)
-    report, table = write_study_report(folder, study_cfg, runs, summaries, storage_url(study_cfg))
+    shown_storage = study_cfg.storage or f"sqlite:///{folder / 'study.db'}"  # as given: no absolute path
+    report, table = write_study_report(folder, study_cfg, runs, summaries, shown_storage)
     return StudyResult(folder, summaries, report, table)
