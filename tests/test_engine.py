@@ -5,8 +5,9 @@ import torch
 
 from kdforge.config import ObjectiveConfig, TrainConfig
 from kdforge.engine.batching import batches_per_epoch, epoch_batches
-from kdforge.engine.trainer import Trainer
+from kdforge.engine.trainer import Trainer, make_optimizer
 from kdforge.models.adapter import ModelAdapter
+from kdforge.models.vision_nets import build_vision_net
 from kdforge.objectives.base import Progress
 from kdforge.objectives.composite import WeightedLoss
 from tests.helpers import offline_step, tiny_bert
@@ -127,3 +128,53 @@ def test_progress_is_where_training_stands_when_a_batch_starts(tmp_path):
     assert [s[0] for s in step.seen] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
     assert [s[1] for s in step.seen] == [1, 1, 1, 1, 2, 2, 2, 2]
     assert [s[2] for s in step.seen] == list(range(8))
+
+
+def test_sgd_steps_are_momentum_sgd_with_l2_weight_decay():
+    """train.optimizer = sgd: d_t = g_t + wd * w_t, buf_t = momentum * buf_{t-1} + d_t, w_{t+1} = w_t - lr * buf_t."""
+    w0, g = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.2, 0.4]])
+    w = torch.nn.Parameter(w0.clone())
+    opt = make_optimizer([{"params": [w], "weight_decay": 0.5}], TrainConfig(optimizer="sgd", lr=0.1, momentum=0.9))
+    w.grad = g.clone()
+    opt.step()
+    d1 = g + 0.5 * w0  # [0.7, -0.6]
+    w1 = w0 - 0.1 * d1
+    assert torch.allclose(w.detach(), w1)
+    w.grad = g.clone()
+    opt.step()
+    assert torch.allclose(w.detach(), w1 - 0.1 * (0.9 * d1 + g + 0.5 * w1))
+    assert isinstance(make_optimizer([{"params": [w]}], TrainConfig()), torch.optim.AdamW)  # the default
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, 2, (n,), generator=g)
+        self.x = torch.randn(n, 3, 8, 8, generator=g) + self.y[:, None, None, None] * 1.5
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "label": int(self.y[i])}
+
+
+def test_convolutions_train_channels_last_and_are_returned_in_the_usual_layout(tmp_path):
+    torch.manual_seed(0)
+    net = build_vision_net("resnet8", num_classes=2)
+    module = offline_step(ModelAdapter(net), WeightedLoss.from_config([ObjectiveConfig(name="ce")]))
+    config = TrainConfig(epochs=4, batch_size=16, lr=0.05, optimizer="sgd", device="cpu", select_best=False,
+                         trackers=[])
+    layouts = []
+
+    def record(trainer):
+        layouts.append(net.stem[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    def collate_images(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+    state = Trainer(module, Images(64), collate_images, config, tmp_path, callbacks=[record]).fit()
+    assert layouts and all(layouts)  # trained channels_last
+    assert all(p.is_contiguous() for p in net.parameters())  # saved / exported as usual
+    assert state.history[-1]["loss"] < state.history[0]["loss"]

@@ -103,6 +103,15 @@ def test_differing_settings_counts_each_setting_once():
     assert flatten({"a": {"b": {"c": 1}}, "d": [1]}) == {"a.b.c": 1, "d": [1]}
 
 
+def test_differing_settings_names_a_section_one_job_lacks_once():
+    one = {"teacher": {"model": "m", "finetune": {"seed": 0}}, "assistants": {}, "train": {"lr": 1}}
+    three = {"teachers": {"t0": {"model": "m"}, "t1": {"model": "m"}}, "assistants": {"ta": {"model": "s"}},
+             "train": {"lr": 1}}
+    assert differing_settings(one, three) == ["assistants", "teacher", "teachers"]
+    two = {**one, "teacher": {"model": "m", "finetune": {"seed": 1}}}
+    assert differing_settings(one, two) == ["teacher.finetune.seed"]  # both have the section: the key itself
+
+
 @pytest.mark.parametrize("change, says", [
     ({"baseline": "nope"}, "baseline 'nope' is not a row"),
     ({"claims": [{"a": "kd", "b": "x"}]}, "claims.0.b"),

@@ -197,6 +197,10 @@ class TrainConfig(Strict):
         default_factory=dict, description="learning rates of their own for parts of a stage, by name: the "
         "learner's role, a teacher role trained with it (online KD), `bridge` (sokd) or a loss term's name (its "
         "own parameters, e.g. a projection); the rest train at `lr` (same warm-up and decay)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw (the transformer papers') or sgd with `momentum` (the CIFAR KD papers': "
+        "CRD, DKD train with SGD, momentum 0.9, weight decay 5e-4)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: the momentum of its steps")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: PositiveInt = 1

@@ -4,7 +4,7 @@ It trains a :class:`kdforge.engine.step.TrainStep` (the strategy's seam: the los
 learner to evaluate) and knows nothing of objectives or roles.
 
 Built on HF Accelerate (devices, DDP with gloo on CPU / nccl on GPU via ``accelerate launch`` or
-``torchrun``, mixed precision). It adds what a distillation run needs: AdamW with linear warm-up
+``torchrun``, mixed precision). It adds what a distillation run needs: AdamW (or SGD, `train.optimizer`) with linear warm-up
 and decay, gradient accumulation, evaluation each epoch with the best epoch kept, atomic
 checkpoints with exact ``resume``, progress bars (or log lines when output is not a terminal)
 and experiment tracking through Accelerate's trackers (``train.trackers``: TensorBoard scalars in
@@ -89,7 +89,7 @@ class TrainState:
 
 def param_groups(module: torch.nn.Module, weight_decay: float, lr_by_part: Mapping[str, float] | None = None,
                  parts: Mapping[str, torch.nn.Module] | None = None) -> list[dict]:
-    """AdamW groups: no weight decay on biases and normalisation weights. The parameters of each of
+    """Optimizer groups: no weight decay on biases and normalisation weights. The parameters of each of
     ``parts`` named in ``lr_by_part`` form groups of their own with that learning rate (after the
     default groups, which keep the optimizer's)."""
     own = {id(p): name for name, part in (parts or {}).items() if name in (lr_by_part or {})
@@ -113,6 +113,14 @@ def check_parts(lr_by_part: Mapping[str, float], parts: Mapping[str, torch.nn.Mo
         raise KDForgeError(f"train.lr_by_role: {unknown[0]!r} is not a trained part of {desc} (its parts: "
                            f"{', '.join(parts) or 'none'}); give the stage's own rates in its `train:` overrides "
                            "(stages.N.train.lr_by_role)")
+
+
+def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer``: AdamW (decoupled weight decay), or SGD with ``train.momentum`` (L2 weight decay
+    added to the gradient, as the CIFAR KD papers train)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -158,8 +166,8 @@ class Trainer:
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
             self.total_steps = min(self.total_steps, config.max_steps)
-        optimizer = torch.optim.AdamW(param_groups(step, config.weight_decay, config.lr_by_role, step.parts()),
-                                      lr=config.lr)
+        optimizer = make_optimizer(param_groups(step, config.weight_decay, config.lr_by_role, step.parts()), config)
+        step.to(memory_format=torch.channels_last)  # convolutions: 1.2-1.3x faster on CPU; no-op for 2-D weights
         self.scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * self.total_steps),
                                              self.total_steps)
         self.model, self.optimizer = acc.prepare(step, optimizer)
@@ -343,6 +351,7 @@ class Trainer:
             bar.close()
             end_tracking(acc, failed)  # also on error: the next fit in this process starts its own run
         acc.wait_for_everyone()  # the main process has written best-student.pt
+        self.unwrapped.to(memory_format=torch.contiguous_format)  # saved and exported in the usual layout
         if cfg.select_best and self.state.best_epoch is not None and self.best_path.is_file():
             self.unwrapped.learner.load_state_dict(ckpt.load(self.best_path))
             log.info("%s: kept epoch %d (best %s %.4f)", self.desc, self.state.best_epoch, self.main_metric,

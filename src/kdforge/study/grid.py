@@ -95,7 +95,17 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[RunSpec]:
 
 def differing_settings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The settings (dotted keys; a list counts as one) in which two jobs differ, besides the seed and
-    the output folder: a comparison should differ in one thing only."""
+    the output folder: a comparison should differ in one thing only. A section one job has and the other
+    lacks (or leaves empty) counts once, by its name (``assistants``, not each assistant's keys)."""
     flat_a, flat_b = flatten(a), flatten(b)
-    keys = sorted(set(flat_a) | set(flat_b))
-    return [k for k in keys if k not in IGNORED and flat_a.get(k) != flat_b.get(k)]
+
+    def holds(flat: dict[str, Any], key: str) -> bool:  # a non-empty section or value at ``key``
+        return flat.get(key) not in (None, {}) or any(k.startswith(key + ".") for k in flat)
+
+    def setting(key: str) -> str:  # the shortest prefix of ``key`` that one job lacks, else ``key``
+        parts = key.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts)))
+        return next((p for p in prefixes if holds(flat_a, p) != holds(flat_b, p)), key)
+
+    keys = set(flat_a) | set(flat_b)
+    return sorted({setting(k) for k in keys if k not in IGNORED and flat_a.get(k) != flat_b.get(k)})

@@ -2,10 +2,10 @@
 
 A teacher is known by its fingerprint (model, fine-tuning settings and seed, the task's data and
 preprocessing: :func:`kdforge.roles.teachers.teacher_fingerprint`) and the ``train`` settings its
-fine-tuning inherits (weight decay, warm-up, precision, ...; not the student's seed). The first run that
-needs it fine-tunes it into ``<teachers_dir>/<key>/`` (a file lock keeps workers on one machine from
-training it twice; a finished one is found again by its fingerprint, a killed one resumes); every run then
-loads that folder as its teacher, with no fine-tuning of its own. Its cached outputs are shared too,
+fine-tuning inherits (optimizer, weight decay, warm-up, precision, ...; not the student's seed, epochs,
+lr or batch size). The first run that needs it fine-tunes it into ``<teachers_dir>/<key>/`` (a file lock
+keeps workers on one machine from training it twice; a finished one is found again by its fingerprint, a
+killed one resumes); every run then loads that folder as its teacher, with no fine-tuning of its own. Its cached outputs are shared too,
 since the teacher-output cache is keyed by the teacher's weights.
 """
 
@@ -22,7 +22,10 @@ from kdforge.io import file_lock
 from kdforge.roles.teachers import find_or_finetune_teacher, teacher_fingerprint
 from kdforge.run_folder import TeacherFolder
 
-UNSHAPING = ("seed", "log_every", "trackers", "checkpoint_every", "keep_checkpoint", "device")
+# train settings that do not shape a fine-tuned teacher: logging, the student's seed, and what the
+# teacher's own `finetune` section replaces (epochs, lr, batch size: part of its fingerprint)
+UNSHAPING = ("seed", "log_every", "trackers", "checkpoint_every", "keep_checkpoint", "device",
+             "epochs", "lr", "batch_size")
 
 
 def shared_key(config: JobConfig, task, role: str) -> str:
