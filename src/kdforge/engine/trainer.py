@@ -4,9 +4,9 @@ It trains a :class:`kdforge.engine.step.TrainStep` (the strategy's seam: the los
 learner to evaluate) and knows nothing of objectives or roles.
 
 Built on HF Accelerate (devices, DDP with gloo on CPU / nccl on GPU via ``accelerate launch`` or
-``torchrun``, mixed precision). It adds what a distillation run needs: AdamW (or SGD, `train.optimizer`) with linear warm-up
-and decay, gradient accumulation, evaluation each epoch with the best epoch kept, atomic
-checkpoints with exact ``resume``, progress bars (or log lines when output is not a terminal)
+``torchrun``, mixed precision). It adds what a distillation run needs: AdamW (or SGD,
+``train.optimizer``) with linear warm-up and decay, gradient accumulation, evaluation each epoch with the
+best epoch kept, atomic checkpoints with exact ``resume``, progress bars (or log lines when output is not a terminal)
 and experiment tracking through Accelerate's trackers (``train.trackers``: TensorBoard scalars in
 ``tensorboard/<desc>`` by default, MLflow, W&B...; :mod:`kdforge.engine.tracking`), one tracked run per
 ``fit``, closed when it ends or fails.

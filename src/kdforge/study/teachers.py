@@ -5,8 +5,8 @@ preprocessing: :func:`kdforge.roles.teachers.teacher_fingerprint`) and the ``tra
 fine-tuning inherits (optimizer, weight decay, warm-up, precision, ...; not the student's seed, epochs,
 lr or batch size). The first run that needs it fine-tunes it into ``<teachers_dir>/<key>/`` (a file lock
 keeps workers on one machine from training it twice; a finished one is found again by its fingerprint, a
-killed one resumes); every run then loads that folder as its teacher, with no fine-tuning of its own. Its cached outputs are shared too,
-since the teacher-output cache is keyed by the teacher's weights.
+killed one resumes); every run then loads that folder as its teacher, with no fine-tuning of its own. Its
+cached outputs are shared too, since the teacher-output cache is keyed by the teacher's weights.
 """
 
 from __future__ import annotations
