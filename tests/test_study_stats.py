@@ -125,3 +125,14 @@ def test_bad_study_is_one_line(study_tree, change, says):
         study, base = load_study(study_tree)
         expand(study, base)
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_published_teacher_score_in_another_metric_is_shown_beside_ours_on_it():
+    from kdforge.study.config import PublishedScore
+    from kdforge.study.report import published_cell
+
+    teacher = {"metric": "f1", "scores": {"f1": 0.8644, "accuracy": 0.8015}}
+    other = PublishedScore(value=0.889, source="MiniLM, Table 8", metric="accuracy")
+    assert published_cell(other, teacher) == "accuracy 0.8890 (MiniLM, Table 8; this teacher 0.8015)"
+    same = PublishedScore(value=0.9, source="a card")
+    assert published_cell(same, teacher) == "0.9000 (a card)"

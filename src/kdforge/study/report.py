@@ -17,7 +17,7 @@ from typing import Any
 from kdforge.evaluation.plots import score_by_axis_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from kdforge.study.config import StudyConfig
+from kdforge.study.config import PublishedScore, StudyConfig
 from kdforge.study.floors import teacher_floor
 from kdforge.study.grid import RunSpec, differing_settings
 from kdforge.study.stats import HOLDS, UNDECIDED, Interval, paired_difference, t_interval, verdict
@@ -96,11 +96,20 @@ def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], l
         floor = teacher_floor(summary["task"], metric, base, study.teacher_floor)
         clears = floor.clears(score)
         out.append({"teacher": name, "task": summary["task"], "metric": metric, "score": score, "baseline": base,
-                    "floor": floor.value, "rule": floor.rule, "clears": clears})
+                    "floor": floor.value, "rule": floor.rule, "clears": clears, "scores": summary["teacher"]})
         if clears is False:
             warnings.append(f"This table is not evidence: teacher {name} scores {metric} {score:.4f} on "
                             f"{summary['task']}, below its floor {floor.value:.4f} ({floor.rule}).")
     return out, warnings
+
+
+def published_cell(published: PublishedScore, teacher: dict) -> str:
+    """The published score beside the teacher's own on the same metric, when that is not the table's."""
+    if published.metric in (None, teacher["metric"]):
+        return f"{published.value:.4f} ({published.source})"
+    ours = teacher["scores"].get(published.metric)
+    mine = f"; this teacher {ours:.4f}" if ours is not None else ""
+    return f"{published.metric} {published.value:.4f} ({published.source}{mine})"
 
 
 def row_table(tables: StudyTables, point: str) -> tuple[list[str], list[list[str]], list[dict]]:
@@ -237,7 +246,7 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
               f"{t['baseline']:.4f}" if t["baseline"] is not None else "n/a",
               f"{t['floor']:.4f}" if t["floor"] is not None else "n/a", t["rule"],
               {True: "yes", False: "NO", None: "n/a"}[t["clears"]],
-              *([f"{published.value:.4f} ({published.source})"] if published else [])] for t in teachers]))]
+              *([published_cell(published, t)] if published else [])] for t in teachers]))]
     records, main_table = [], ""
     for point in tables.points:
         if tables.metric is None:
