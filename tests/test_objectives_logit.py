@@ -89,6 +89,21 @@ def test_dkd_decomposition_reproduces_hinton_kd():
         assert torch.allclose(((tckd + (1 - b_t) * nckd) * t2).mean(), kd_kl_loss(s, t, T), rtol=1e-12)
 
 
+def test_dkd_on_two_classes_is_alpha_times_kd_and_says_so(caplog):
+    # one sample, z_s = (0, 1), z_t = (2, 0), y = 0, T = 2: NCKD is over one class (0) and b = p, so
+    # DKD = alpha * T^2 * KL(p_t || p_s) whatever beta is
+    p_s, p_t = softmax([0.0, 1.0], 2.0), softmax([2.0, 0.0], 2.0)
+    expected = 3.0 * 4.0 * kl(p_t, p_s)
+    dkd = build("dkd", alpha=3.0, beta=8.0, temperature=2.0, warmup=0)
+    with caplog.at_level("WARNING", logger="kdforge"):
+        value = loss_of(dkd, torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+        loss_of(dkd, torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([0]))
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    assert [r.message for r in caplog.records].count(
+        "dkd: with two classes DKD equals alpha x KD (its non-target term NCKD is empty); it decouples nothing on "
+        "this task") == 1
+
+
 def test_dkd_non_target_kl_matches_the_official_minus_1000_masking():
     # official: softmax(z / T - 1000 * gt_mask) over all C columns; the masked target gets probability 0
     torch.manual_seed(1)

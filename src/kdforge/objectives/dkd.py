@@ -5,6 +5,8 @@ Zhao, Cui, Song, Qiu & Liang (CVPR 2022), "Decoupled Knowledge Distillation".
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
@@ -12,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat
 from kdforge.objectives.base import OBJECTIVES, LogitObjective, Progress, Temperature, TemperatureSetting
 from kdforge.objectives.common import require, t_squared
 from kdforge.objectives.logit import _class_logits
+
+log = logging.getLogger("kdforge")
 
 
 def dkd_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -70,6 +74,10 @@ class DKD(LogitObjective):
     The teacher's logits are detached. With KD = sum_i KL(p_t,i || p_s,i) the paper's decomposition
     KD_i = TCKD_i + (1 - p_t,i[y]) NCKD_i holds per sample (``dkd_parts`` returns the three pieces).
 
+    Two classes: p^ holds one class, so NCKD = 0, and b = p, so TCKD = KD's KL: DKD is then alpha x KD
+    at the same temperature (the decoupling needs C >= 3; a warning says so once). On binary GLUE tasks
+    a DKD row measures KD again, with DKD's warm-up and weights.
+
     Defaults (alpha 1, beta 8, T 4, warm-up 20 epochs) are the official code's (mdistiller) default
     DKD config, used for the CIFAR-100 ResNet32x4 -> ResNet8x4 pair; the ImageNet configs use
     alpha 1, beta 0.5, T 1, warm-up 1 (beta is tuned per teacher-student pair in the paper).
@@ -96,6 +104,10 @@ class DKD(LogitObjective):
         student_logits = _class_logits(student_logits, "dkd")
         teacher_logits = require(teacher_logits, "dkd", "a teacher")
         labels = require(labels, "dkd", "labels")
+        if student_logits.shape[-1] == 2 and not getattr(self, "_said_binary", False):
+            self._said_binary = True
+            log.warning("dkd: with two classes DKD equals alpha x KD (its non-target term NCKD is empty); it "
+                        "decouples nothing on this task")
         tckd, nckd, _ = dkd_parts(student_logits, teacher_logits, labels, temperature)
         t2 = t_squared(temperature)
         loss = self.params.alpha * (tckd * t2).mean() + self.params.beta * (nckd * t2).mean()
