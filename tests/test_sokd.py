@@ -51,7 +51,7 @@ def test_vision_bridge_is_a_copy_of_the_last_stage_with_a_fresh_head(arch):
         teacher.train()
         teacher(torch.randn(8, 3, 32, 32))
         teacher.eval()
-    bridge = knowledge_bridge(teacher)
+    bridge = knowledge_bridge(teacher, init="teacher")
     assert isinstance(bridge, VisionBridge) and bridge.hook_paths == ["layer2"] and not bridge.hidden_states
     assert _same_state(bridge.stage, teacher.layer3) and _same_state(bridge.post_act, teacher.post_act)
     assert not _shares_storage(bridge, teacher)  # copies, not the teacher's own modules
@@ -74,9 +74,46 @@ def test_vision_bridge_is_a_copy_of_the_last_stage_with_a_fresh_head(arch):
     adapter.remove_hooks()
 
 
+def test_the_bridge_starts_from_a_fresh_initialisation_by_default_as_the_authors_code():
+    """Semi-Online-KD builds its bridge before loading the teacher checkpoint: random weights, and
+    BatchNorm statistics of a fresh net (mean 0, variance 1), not the trained teacher's."""
+    torch.manual_seed(0)
+    teacher = build_vision_net("resnet20", num_classes=10).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3)  # a "trained" teacher: every weight moved off its initialisation
+        teacher.train()
+        teacher(torch.randn(8, 3, 32, 32))
+        teacher.eval()
+    bridge = knowledge_bridge(teacher)
+    assert SOKDParams().bridge_init == "random"
+    convs = [m for m in bridge.stage.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:  # He-normal, fan-out: std sqrt(2 / (out_channels * k * k)), mean 0
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_out) - 1) < 0.1
+        assert abs(conv.weight.mean().item()) < 0.01
+    for bn in (m for m in bridge.stage.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.running_mean,
+                                                                                  torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    assert not torch.equal(convs[0].weight, teacher.layer3[0].conv1.weight)
+    assert teacher.layer3[0].bn1.weight.min().item() == pytest.approx(1.3)  # untouched
+
+    text_teacher = tiny_bert(100, num_labels=3, layers=3).eval()
+    with torch.no_grad():
+        for p in text_teacher.parameters():
+            p.add_(0.3)
+    text_bridge = knowledge_bridge(text_teacher)
+    weights = [m.weight for m in text_bridge.layer.modules() if isinstance(m, nn.Linear)]
+    assert all(abs(w.std().item() / 0.02 - 1) < 0.15 and abs(w.mean().item()) < 0.005 for w in weights)
+    norms = [m for m in text_bridge.layer.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert text_teacher.bert.encoder.layer[-1].output.LayerNorm.weight.min().item() == pytest.approx(1.3)
+
+
 def test_text_bridge_is_a_copy_of_the_last_layer_with_a_fresh_classifier():
     teacher = tiny_bert(100, num_labels=3, layers=3).eval()
-    bridge = knowledge_bridge(teacher)
+    bridge = knowledge_bridge(teacher, init="teacher")
     assert isinstance(bridge, TextBridge) and bridge.hidden_states and bridge.hook_paths == []
     assert _same_state(bridge.layer, teacher.bert.encoder.layer[-1]) and _same_state(bridge.pooler, teacher.bert.pooler)
     assert not _shares_storage(bridge, teacher)
