@@ -261,26 +261,27 @@ def test_tf_nkd_weight_is_detached_and_gradcheck_when_it_is_constant():
 
 def test_bdkd_hand_value_two_samples_one_over_one_under_confident():
     # a = (0.5, 0.25, 0.25) (logits (ln 2, 0, 0)), b = (0.8, 0.1, 0.1) (logits (ln 8, 0, 0)), at T = 2 with logits x2
-    # sample 1: student b, teacher a: H(b) = 0.639 < H(a) = 1.040 -> over-confident -> (w_F, w_R) = (1, delta)
-    #           forward KL(a||b) = A, reverse KL(b||a) = B  -> A + 2B
-    # sample 2: student a, teacher b: under-confident -> (delta, 1):
-    #           forward KL(b||a) = B, reverse KL(a||b) = A -> 2B + A
-    # L = T^2 (2A + 4B) / 2 = 4 (A + 2B) with delta = 2
+    # sample 1: student b, teacher a: H(b) = 0.639 < H(a) = 1.040 -> over-confident -> (w_F, w_R) = (delta, 1)
+    #           forward KL(a||b) = A, reverse KL(b||a) = B  -> 2A + B
+    # sample 2: student a, teacher b: under-confident -> (1, delta):
+    #           forward KL(b||a) = B, reverse KL(a||b) = A -> B + 2A
+    # L = T^2 (4A + 2B) / 2 = 4 (2A + B) with delta = 2
     a, b = [0.5, 0.25, 0.25], [0.8, 0.1, 0.1]
     assert entropy(b) < entropy(a)
     A, B = kl(a, b), kl(b, a)
     za, zb = [2 * LN(2), 0.0, 0.0], [2 * LN(8), 0.0, 0.0]
     s, t = torch.tensor([zb, za]), torch.tensor([za, zb])
     value = loss_of(build("bdkd", temperature=2.0, delta=2.0), s, t)
-    assert value.item() == pytest.approx(4 * (A + 2 * B), rel=1e-6)
+    assert value.item() == pytest.approx(4 * (2 * A + B), rel=1e-6)
+    assert abs(4 * (A + 2 * B) - value.item()) > 0.1  # the reversed rule (extra weight on the other KL) fails
 
 
 def test_bdkd_weight_rule_and_symmetric_kl_at_delta_one():
     log_over, log_under = torch.log(torch.tensor([[0.9, 0.05, 0.05]])), torch.log(torch.tensor([[0.4, 0.3, 0.3]]))
-    w_f, w_r = balance_weights(log_over, log_under, 3.0)  # student more confident than teacher
-    assert (w_f.item(), w_r.item()) == (1.0, 3.0)
-    w_f, w_r = balance_weights(log_under, log_over, 3.0)
+    w_f, w_r = balance_weights(log_over, log_under, 3.0)  # student more confident than teacher: forward KL
     assert (w_f.item(), w_r.item()) == (3.0, 1.0)
+    w_f, w_r = balance_weights(log_under, log_over, 3.0)  # less confident: reverse KL
+    assert (w_f.item(), w_r.item()) == (1.0, 3.0)
     w_f, w_r = balance_weights(log_under, log_under, 3.0)
     assert (w_f.item(), w_r.item()) == (1.0, 1.0)
     torch.manual_seed(7)
@@ -299,8 +300,8 @@ def test_bdkd_weights_are_detached_analytic_gradient():
     p_s, p_t = torch.softmax(s.detach() / T, -1), torch.softmax(t.detach() / T, -1)
     h_s, h_t = -(p_s * p_s.log()).sum(-1), -(p_t * p_t.log()).sum(-1)
     assert (h_s < h_t).any() and (h_s > h_t).any()  # both branches are exercised
-    w_f = torch.where(h_s > h_t, delta, 1.0).unsqueeze(1)
-    w_r = torch.where(h_s < h_t, delta, 1.0).unsqueeze(1)
+    w_f = torch.where(h_s < h_t, delta, 1.0).unsqueeze(1)
+    w_r = torch.where(h_s > h_t, delta, 1.0).unsqueeze(1)
     r = p_s.log() - p_t.log()
     kl_r = (p_s * r).sum(-1, keepdim=True)
     expected = T**2 / 4 * (w_f * (p_s - p_t) + w_r * p_s * (r - kl_r)) / T

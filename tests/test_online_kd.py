@@ -97,12 +97,13 @@ def bdkd_logits() -> tuple[torch.Tensor, torch.Tensor]:
     return s.requires_grad_(True), t.requires_grad_(True)
 
 
-def test_bdkd_online_student_term_is_the_offline_objective_and_the_teacher_term_the_swapped_rule():
+@pytest.mark.parametrize("rule", ["reverse", "balanced"])
+def test_bdkd_online_student_term_is_the_offline_objective_and_the_teachers_its_rule(rule):
     s, t = bdkd_logits()
     labels = torch.tensor([0, 0, 2, 1])
     T, delta = 2.0, 3.0
     params = BDKDOnlineParams(temperature=T, delta=delta, ce_weight=0.5, kd_weight=2.0, teacher_ce_weight=0.25,
-                              teacher_kd_weight=4.0)
+                              teacher_kd_weight=4.0, teacher_rule=rule)
     total, logged = bdkd_online_loss(s, t, labels, BDKD(BDKDParams(temperature=T, delta=delta)), params, Progress(),
                                      ("student", "teacher"))
     h_s, h_t = entropy(s, T), entropy(t, T)
@@ -112,19 +113,24 @@ def test_bdkd_online_student_term_is_the_offline_objective_and_the_teacher_term_
     student_term = offline(Outputs(s), Outputs(t), {"labels": labels}, Progress())
     assert logged["bdkd:student"] == pytest.approx(student_term.item(), rel=1e-6)
 
-    # teacher side by hand: the teacher in the learning slot, the student as its target, weights
-    # from the swapped entropy comparison: (w'_F, w'_R) = (1, delta) where H(p_t) < H(p_s), ...
     p_s, p_t = (s / T).softmax(-1), (t / T).softmax(-1)
-    w_f = torch.where(h_t > h_s, delta, 1.0)   # on KL(p_s || p_t)
-    w_r = torch.where(h_t < h_s, delta, 1.0)   # on KL(p_t || p_s)
-    assert w_f.tolist() == [delta, 1.0, 1.0, w_f[3].item()] and w_r.tolist()[:3] == [1.0, delta, 1.0]
-    teacher_term = (T**2 * (w_f * kl_by_hand(p_s, p_t) + w_r * kl_by_hand(p_t, p_s))).mean()
-    assert logged["bdkd:teacher"] == pytest.approx(teacher_term.item(), rel=1e-6)
-    # the swapped rule weighs each KL direction as the student's does: the same value (see the docstring)
-    assert logged["bdkd:teacher"] == pytest.approx(logged["bdkd:student"], rel=1e-6)
-    # ... whereas the unswapped rule on the teacher's side would not
-    unswapped = (T**2 * (w_r * kl_by_hand(p_s, p_t) + w_f * kl_by_hand(p_t, p_s))).mean()
-    assert abs(unswapped.item() - teacher_term.item()) > 1e-3
+    reverse = (T**2 * kl_by_hand(p_t, p_s)).mean()  # KL(p_t || p_s): the teacher's distribution first
+    if rule == "reverse":  # the default: a reverse-KL regulariser, no balance
+        assert BDKDOnlineParams().teacher_rule == "reverse"
+        teacher_term = reverse
+        assert logged["bdkd:teacher"] == pytest.approx(reverse.item(), rel=1e-6)
+        assert abs(logged["bdkd:teacher"] - logged["bdkd:student"]) > 1e-2
+    else:
+        # the student's balance with the roles swapped: (w'_F, w'_R) = (delta, 1) where H(p_t) < H(p_s), ...
+        w_f = torch.where(h_t < h_s, delta, 1.0)   # on KL(p_s || p_t)
+        w_r = torch.where(h_t > h_s, delta, 1.0)   # on KL(p_t || p_s)
+        assert w_f.tolist()[:3] == [1.0, delta, 1.0] and w_r.tolist()[:3] == [delta, 1.0, 1.0]
+        teacher_term = (T**2 * (w_f * kl_by_hand(p_s, p_t) + w_r * kl_by_hand(p_t, p_s))).mean()
+        assert logged["bdkd:teacher"] == pytest.approx(teacher_term.item(), rel=1e-6)
+        # the swapped rule weighs each KL direction as the student's does: the same value (see the docstring)
+        assert logged["bdkd:teacher"] == pytest.approx(logged["bdkd:student"], rel=1e-6)
+        unswapped = (T**2 * (w_r * kl_by_hand(p_s, p_t) + w_f * kl_by_hand(p_t, p_s))).mean()
+        assert abs(unswapped.item() - teacher_term.item()) > 1e-3
 
     ce_s, ce_t = F.cross_entropy(s, labels), F.cross_entropy(t, labels)
     assert logged["ce:student"] == pytest.approx(ce_s.item()) and logged["ce:teacher"] == pytest.approx(ce_t.item())
@@ -135,8 +141,12 @@ def test_bdkd_online_student_term_is_the_offline_objective_and_the_teacher_term_
     g_s, g_t = torch.autograd.grad(total, [s, t])
     own_s = torch.autograd.grad(0.5 * F.cross_entropy(s, labels) + 2.0 * offline(Outputs(s), Outputs(t.detach()), {},
                                                                                   Progress()), s)[0]
-    own_t = torch.autograd.grad(0.25 * F.cross_entropy(t, labels) + 4.0 * offline(Outputs(t), Outputs(s.detach()), {},
-                                                                                   Progress()), t)[0]
+    if rule == "reverse":
+        q_t, q_s = (t / T).softmax(-1), (s.detach() / T).softmax(-1)
+        teacher_kd = (T**2 * kl_by_hand(q_t, q_s)).mean()
+    else:
+        teacher_kd = offline(Outputs(t), Outputs(s.detach()), {}, Progress())
+    own_t = torch.autograd.grad(0.25 * F.cross_entropy(t, labels) + 4.0 * teacher_kd, t)[0]
     assert torch.allclose(g_s, own_s, atol=1e-6) and torch.allclose(g_t, own_t, atol=1e-6)
 
 

@@ -16,7 +16,7 @@ from kdforge.objectives.common import require, t_squared
 from kdforge.objectives.logit import _class_logits
 
 
-def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+def tempered_log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                temperature: Temperature) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_s, log p_t) at temperature T; the teacher is detached."""
     return (F.log_softmax(student_logits / temperature, dim=-1),
@@ -26,14 +26,15 @@ def _log_probs(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 def balance_weights(log_p_s: torch.Tensor, log_p_t: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """BD-KD's per-sample (w_forward, w_reverse), detached: from H(p_s) and H(p_t) at temperature T.
 
-    Student more confident than the teacher (H(p_s) < H(p_t)): (1, delta), the reverse KL weighs more;
-    less confident (H(p_s) > H(p_t)): (delta, 1), the forward KL weighs more; equal entropies: (1, 1)."""
+    Student more confident than the teacher (H(p_s) < H(p_t)): (delta, 1), the mode-covering forward KL
+    weighs more (it spreads the student's mass); less confident (H(p_s) > H(p_t)): (1, delta), the
+    mode-seeking reverse KL weighs more (it sharpens); equal entropies: (1, 1)."""
     with torch.no_grad():
         h_s = -(log_p_s.exp() * log_p_s).sum(-1)
         h_t = -(log_p_t.exp() * log_p_t).sum(-1)
         ones = torch.ones_like(h_s)
-        w_forward = torch.where(h_s > h_t, ones * delta, ones)
-        w_reverse = torch.where(h_s < h_t, ones * delta, ones)
+        w_forward = torch.where(h_s < h_t, ones * delta, ones)
+        w_reverse = torch.where(h_s > h_t, ones * delta, ones)
     return w_forward, w_reverse
 
 
@@ -51,9 +52,10 @@ class BDKD(LogitObjective):
 
     With p = softmax(z / T) and H the entropy, each sample mixes the forward and the reverse KL:
 
-        w_F,i, w_R,i = (1, delta)   if H(p_s,i) < H(p_t,i)   (student over-confident: reverse KL,
-                                                               whose -H(p_s) term raises its entropy)
-                       (delta, 1)   if H(p_s,i) > H(p_t,i)   (student under-confident: forward KL)
+        w_F,i, w_R,i = (delta, 1)   if H(p_s,i) < H(p_t,i)   (student over-confident: the
+                                                               mode-covering forward KL spreads it)
+                       (1, delta)   if H(p_s,i) > H(p_t,i)   (student under-confident: the
+                                                               mode-seeking reverse KL sharpens it)
                        (1, 1)       if equal
         L_bdkd = T^2 * 1/N sum_i [ w_F,i KL(p_t,i || p_s,i) + w_R,i KL(p_s,i || p_t,i) ]
 
@@ -63,14 +65,18 @@ class BDKD(LogitObjective):
     Reduction: each KL summed over classes, batch mean; T^2 per sample for an (N, 1) temperature.
     With delta = 1 the term is the symmetric KL T^2 (KL_F + KL_R).
 
-    Scope and verification: BD-KD trains teacher and student together (online KD) and also gives
-    the teacher a reverse-KL regulariser; this term is only the student's side (teacher detached),
-    and its cross-entropy is the separate ``ce`` objective. The paper's text was not available to
-    check against when this was written: the rule above (which divergence is favoured by the sign
-    of the entropy gap, and a fixed factor ``delta``) follows the method as summarised in the
-    paper's abstract ("sample-wise weighting of forward and reverse KL ... balances student
-    network confidence"); the default delta = 2 is our choice, not a paper value. Verify both
-    against the paper before comparing numbers with it.
+    Scope and sources: BD-KD trains teacher and student together (online KD, :mod:`kdforge.recipes.bdkd_online`,
+    whose teacher gets a reverse-KL regulariser); this term is only the student's side (teacher
+    detached), and its cross-entropy is the separate ``ce`` objective. The paper's method section (and so
+    its equation numbers) could not be read here: only its abstract ("sample-wise weighting of forward
+    and reverse KL ... balances student network confidence"), a third-party summary (sciencestack.ai:
+    the weighting is "guided by the entropy gap between teacher and student predictions") and one
+    third-party re-implementation (github.com/ghwang-s/abkd, ``distillm/losses.py``, offline, at T = 1),
+    which gives the extra weight to the forward KL when the student is the more confident and to the
+    reverse KL when it is the less confident, as above. This rule is therefore ours, following that
+    re-implementation and the mode-covering / mode-seeking argument; T = 4 with T^2 and delta = 2 are our
+    defaults (the re-implementation uses 2 or 3 at T = 1). Verify against the paper before comparing
+    numbers with it.
     """
 
     Params = BDKDParams
@@ -78,7 +84,7 @@ class BDKD(LogitObjective):
     def logit_loss(self, student_logits, teacher_logits, labels, temperature, progress):
         student_logits = _class_logits(student_logits, "bdkd")
         teacher_logits = require(teacher_logits, "bdkd", "a teacher")
-        log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+        log_p_s, log_p_t = tempered_log_probs(student_logits, teacher_logits, temperature)
         w_forward, w_reverse = balance_weights(log_p_s, log_p_t, self.params.delta)
         forward = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
         reverse = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
@@ -89,7 +95,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     temperature: Temperature) -> torch.Tensor:
     """Per-sample JSD_beta(p_t, p_s) at temperature T (no T^2), KL(p_t||p_s) at beta = 0 and
     KL(p_s||p_t) at beta = 1; the teacher is detached, the mixture carries the student's gradient."""
-    log_p_s, log_p_t = _log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, log_p_t = tempered_log_probs(student_logits, teacher_logits, temperature)
     if beta == 0:
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     if beta == 1:

@@ -1,45 +1,39 @@
 """BD-KD online: Amara, Sepahvand, Meyer, Gross & Clark, "BD-KD: Balancing the Divergences for
 Online Knowledge Distillation" (arXiv:2212.12965, 2022): a teacher and a student trained together,
-each from the labels and from the other's (detached) predictions, the distillation terms mixing
-the forward and the reverse KL sample by sample according to the two models' entropies.
+each from the labels and from the other's (detached) predictions; the student's distillation term
+mixes the forward and the reverse KL sample by sample according to the two models' entropies, the
+teacher's is a reverse-KL regulariser.
 
 With p_s = softmax(z_s / T), p_t = softmax(z_t / T), H the entropy, and the balance of the
 offline objective ``bdkd`` (:mod:`kdforge.objectives.bdkd`, reused here, not re-implemented):
 
-    w_F,i, w_R,i = (1, delta) if H(p_s,i) < H(p_t,i);  (delta, 1) if H(p_s,i) > H(p_t,i);  (1, 1) if equal
+    w_F,i, w_R,i = (delta, 1) if H(p_s,i) < H(p_t,i);  (1, delta) if H(p_s,i) > H(p_t,i);  (1, 1) if equal
     BD(s <- t) = T^2 1/N sum_i [ w_F,i KL(p_t,i || p_s,i) + w_R,i KL(p_s,i || p_t,i) ]     (p_t detached)
 
 Student:  L_S = ce_weight * CE(y, z_s) + kd_weight * BD(s <- t)
           exactly the offline ``bdkd`` objective on (student, teacher) logits.
-Teacher:  L_T = teacher_ce_weight * CE(y, z_t) + teacher_kd_weight * BD(t <- s)
-          the same balance in the other direction: the ``bdkd`` objective with the two models'
-          roles swapped, the teacher in the learning slot and the DETACHED student as its target:
-
-    w'_F,i, w'_R,i = (1, delta) if H(p_t,i) < H(p_s,i);  (delta, 1) if H(p_t,i) > H(p_s,i);  (1, 1) if equal
-    BD(t <- s) = T^2 1/N sum_i [ w'_F,i KL(p_s,i || p_t,i) + w'_R,i KL(p_t,i || p_s,i) ]   (p_s detached)
-
-    i.e. the teacher is pushed by the reverse-from-its-side KL(p_t || p_s) (weight delta) when it is
-    the more confident of the two, and by KL(p_s || p_t) (weight delta) when it is the less
-    confident. Since swapping the roles also swaps the entropy comparison, w'_F = w_R and
-    w'_R = w_F on every sample: each KL direction carries the same weight in both losses, so
-    BD(t <- s) and BD(s <- t) have the same VALUE and differ only in which model the gradient
-    reaches (the other model's distribution is a constant in each).
+Teacher (``teacher_rule: reverse``, the default):
+          L_T = teacher_ce_weight * CE(y, z_t) + teacher_kd_weight * T^2 1/N sum_i KL(p_t,i || p_s,i)
+          (p_s detached): the KL with the teacher's own distribution first, the reverse of the
+          KL(p_s || p_t) a teacher learning from the student would minimise as plain KD (DML), i.e.
+          a mode-seeking regulariser towards the student's predictions.
+Teacher (``teacher_rule: balanced``, kdforge's variant): the student's balance with the roles
+          swapped, the teacher in the learning slot and the detached student as its target:
+          BD(t <- s) = T^2 1/N sum_i [ w'_F,i KL(p_s,i || p_t,i) + w'_R,i KL(p_t,i || p_s,i) ] with the
+          entropy comparison swapped too, so w'_F = w_R and w'_R = w_F: the same VALUE as BD(s <- t),
+          the gradient reaching the teacher.
 
 Total loss: L = L_S + L_T, one backward pass; each model's gradient comes from its own loss only
 (the other side is detached). Logged terms: ``ce:<role>`` and ``bdkd:<role>`` for both models.
 
-Source and verification: the paper's full text could not be read here. Its abstract (v2) says the
-method "adjust[s] the conventional online distillation loss on both the student and teacher
-losses, employing sample-wise weighting of forward and reverse" KL; a third-party summary of the
-paper (sciencestack.ai/paper/2212.12965) says the teacher objective "uses reverse KL as a
-regularizer". The teacher-side rule above (the student's balanced rule with the roles swapped) is
-this project's reading, not a quoted equation. The student's balance is the offline ``bdkd``
-objective's as written; note that the ``bdkd`` loss of github.com/ghwang-s/abkd
-(distillation_llm/distillm/losses.py, a third-party offline re-implementation) favours the
-OPPOSITE directions (reverse KL when H(p_s) > H(p_t), forward KL when H(p_t) > H(p_s)): whichever
-is right, this strategy follows ``kdforge.objectives.bdkd.balance_weights`` and changes with it.
-Defaults: T = 4 and delta = 2, the offline objective's defaults (not verified against the paper),
-all weights 1.
+Sources: the paper's method section could not be read here. Its abstract (v2) says the method
+"adjust[s] the conventional online distillation loss on both the student and teacher losses,
+employing sample-wise weighting of forward and reverse" KL; a third-party summary
+(sciencestack.ai/paper/2212.12965) says the student's weighting is "guided by the entropy gap between
+teacher and student predictions, while the teacher objective uses reverse KL as a regularizer"; the
+student's balance follows the third-party re-implementation named in :mod:`kdforge.objectives.bdkd`.
+The default teacher rule is our reading of that summary (which KL is "reverse" from the teacher's side
+is not stated there); no equation is quoted. Defaults: T = 4 and delta = 2 (ours), all weights 1.
 
 Roles, training and what is kept are as for :mod:`kdforge.recipes.dml`: exactly one teacher role
 in the stage's ``teachers`` (a teacher or an assistant), trained with the learner as a live,
@@ -50,7 +44,7 @@ must be ``[]`` (the strategy defines its loss); classification tasks only; the r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +53,8 @@ from torch import nn
 
 from kdforge.config import JobConfig, StageConfig
 from kdforge.models.adapter import ModelAdapter
-from kdforge.objectives.bdkd import BDKD, BDKDParams
+from kdforge.objectives.bdkd import BDKD, BDKDParams, tempered_log_probs
+from kdforge.objectives.common import t_squared
 from kdforge.progress import Progress
 from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.online import PeerStep, check_online_stage, trainable_peers
@@ -72,7 +67,10 @@ class BDKDOnlineParams(BaseModel):
     ce_weight: float = Field(1.0, ge=0, description="student: cross-entropy with the labels")
     kd_weight: float = Field(1.0, ge=0, description="student: balanced KL towards the teacher")
     teacher_ce_weight: float = Field(1.0, ge=0, description="teacher: cross-entropy with the labels")
-    teacher_kd_weight: float = Field(1.0, ge=0, description="teacher: balanced KL towards the student")
+    teacher_kd_weight: float = Field(1.0, ge=0, description="teacher: its KL term towards the student")
+    teacher_rule: Literal["reverse", "balanced"] = Field(
+        "reverse", description="the teacher's KL term: reverse = T^2 KL(p_t || p_s), a regulariser (the paper, "
+        "as summarised); balanced = the student's balance with the roles swapped (kdforge's variant)")
 
 
 def balanced_kl(objective: BDKD, learning: torch.Tensor, target: torch.Tensor, progress: Progress) -> torch.Tensor:
@@ -88,7 +86,12 @@ def bdkd_online_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch
     p = params
     ce_s, ce_t = F.cross_entropy(student.float(), labels), F.cross_entropy(teacher.float(), labels)
     kd_s = balanced_kl(objective, student, teacher, progress)
-    kd_t = balanced_kl(objective, teacher, student, progress)
+    if p.teacher_rule == "balanced":
+        kd_t = balanced_kl(objective, teacher, student, progress)
+    else:  # T^2 KL(p_t || p_s), the student detached: the objective's reverse-KL piece on swapped slots
+        temperature = objective.temperature_at(progress)
+        log_p_t, log_p_s = tempered_log_probs(teacher.float(), student.float(), temperature)
+        kd_t = ((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * t_squared(temperature)).mean()
     total = p.ce_weight * ce_s + p.kd_weight * kd_s + p.teacher_ce_weight * ce_t + p.teacher_kd_weight * kd_t
     s, t = roles
     return total, {f"ce:{s}": float(ce_s.detach()), f"bdkd:{s}": float(kd_s.detach()),
