@@ -22,6 +22,7 @@ from kdforge.recipes.amal import (
     AMALParams,
     AMALStep,
     ValidationBatches,
+    effective_meta_lr,
     meta_gradient,
     meta_update,
     per_example_terms,
@@ -164,6 +165,7 @@ def test_weights_move_only_on_meta_steps_and_only_for_the_batch(params, due):
         expected = (w[:, 0] * ce + w[:, 1] * kd_rows(student.logits, teacher.logits)).mean()
         assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
         assert logged["amal_w:ce"] == pytest.approx(float(w[:, 0].mean()), rel=1e-6)
+        assert logged["amal_w_sd:ce"] == pytest.approx(float(step.amal_weights[:, 0].std()), rel=1e-6)
         loss.backward()
         assert step.learner.model.weight.grad is not None and not step.amal_weights.requires_grad
         assert step.learner.training  # the look-ahead's eval mode is undone
@@ -272,3 +274,12 @@ def test_vision_job_learns_per_example_weights(tmp_path):
     assert moved.float().mean() > 0.3 and moved.sum() <= 32 * seen["updates"]  # only the examples of meta steps
     assert (w - start).abs().max() > 1e-2
     assert "accuracy" in result.student.metrics
+
+
+def test_the_default_meta_lr_keeps_the_papers_meta_step_at_any_learning_rate():
+    """The paper: meta lr 1500 with SGD at lr 0.1; the meta-gradient scales with alpha, so the default
+    meta_lr = 150 / alpha gives the same meta step meta_lr x alpha = 150."""
+    assert effective_meta_lr(AMALParams(), 0.1) == pytest.approx(1500.0)
+    assert effective_meta_lr(AMALParams(), 0.05) == pytest.approx(3000.0)
+    assert effective_meta_lr(AMALParams(), 1e-4) == pytest.approx(1.5e6)
+    assert effective_meta_lr(AMALParams(meta_lr=7.0), 1e-4) == 7.0  # as configured

@@ -57,6 +57,23 @@ def test_hinton_kd_gradient_is_t_times_prob_difference_and_teacher_gets_none():
     assert t.grad is None
 
 
+def test_hinton_kd_reduction_mean_is_takds_kldivloss_with_its_weights():
+    """TAKD's loss: (1 - lambda) CE + lambda T^2 nn.KLDivLoss()(log_softmax(z_s / T), softmax(z_t / T)), the
+    default reduction 'mean' averaging over all N x C elements; lambda 0.5, T 4 as configs/teachers/takd."""
+    torch.manual_seed(3)
+    z_s, z_t, y = torch.randn(6, 10), torch.randn(6, 10) * 2, torch.randint(0, 10, (6,))
+    with pytest.warns(UserWarning, match="'mean' divides the total loss by both the batch size and the support"):
+        takd = 0.5 * torch.nn.functional.cross_entropy(z_s, y) + 0.5 * 16 * torch.nn.KLDivLoss()(
+            torch.log_softmax(z_s / 4, -1), torch.softmax(z_t / 4, -1))
+    loss = WeightedLoss.from_config([ObjectiveConfig(name="ce", weight=0.5), ObjectiveConfig(
+        name="hinton_kd", weight=0.5, temperature=4.0, reduction="mean")])
+    ours, _ = loss(Outputs(z_s), {"teacher": Outputs(z_t)}, {"labels": y}, Progress())
+    torch.testing.assert_close(ours, takd)
+    batchmean = build_objective(ObjectiveConfig(name="hinton_kd", temperature=4.0))
+    assert batchmean(Outputs(z_s), Outputs(z_t), {}, Progress()).item() == pytest.approx(
+        10 * (ours - 0.5 * torch.nn.functional.cross_entropy(z_s, y)).item() / 0.5, rel=1e-5)  # C times larger
+
+
 def test_hinton_kd_gradcheck():
     s = torch.randn(3, 4, dtype=torch.double, requires_grad=True)
     t = torch.randn(3, 4, dtype=torch.double)

@@ -65,7 +65,8 @@ look-ahead restricted to the     every trainable parameter of the learner (exact
 last linear layer (closed form)  look-ahead through ``functional_call``)
 eta = the SGD optimizer's        alpha = ``virtual_lr`` or the stage's configured ``train.lr`` (constant);
 current lr                       kdforge's optimizer is AdamW, whose steps are not alpha * gradient
-meta lr 1500, SGD, 5 iterations  ``meta_lr`` 1500, SGD, ``meta_steps`` 1 by default (set 5 for the code's)
+meta lr 1500, SGD, 5 iterations  ``meta_lr`` 150 / alpha (1500 at the paper's lr 0.1), SGD, ``meta_steps`` 1 by
+                                 default (set 5 for the code's)
 per group at fixed theta
 a separate pass over the whole   online: at each batch, the weights of that batch's examples, every
 training set every 10 epochs     ``meta_every`` optimizer steps from ``meta_start``
@@ -75,20 +76,25 @@ validation batch of 1000 rows    ``val_batch_size`` (default: the stage's batch 
 lambdas saved in checkpoints     the ``amal_weights`` buffer is in every checkpoint (exact resume)
 ===============================  ==========================================================================
 
-The meta-gradient scales with alpha / n, so the paper's meta lr suits SGD learning rates (0.1);
-with AdamW's smaller ones (1e-5 to 1e-3) raise ``meta_lr`` accordingly. Runs in one process: the
+The meta-gradient scales with alpha / n, so the paper's meta lr 1500 suits its SGD learning rate 0.1;
+by default ``meta_lr`` = 150 / alpha keeps the paper's meta step meta_lr x alpha = 150 at any learning
+rate (AdamW's 1e-4 gives 1.5e6; the batch size n is not rescaled). The weights' mean and standard
+deviation over every training example, per term, are logged each step (``amal_w:<term>``,
+``amal_w_sd:<term>``): the history and ``training.png`` show how they move, the last epoch their
+spread at the end. Runs in one process: the
 double back-propagation of the look-ahead is not supported under DDP, and the weights of the
 examples seen by other processes would not be shared.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 from torch.func import functional_call
 
@@ -102,13 +108,16 @@ from kdforge.recipes.base import STRATEGIES, StageContext, Strategy
 from kdforge.recipes.offline import OfflineStep, stage_parts
 from kdforge.recipes.teacher_sources import index_examples
 
+log = logging.getLogger("kdforge")
+
 #: terms whose value relates the examples of a batch to each other: no per-example value
 BATCH_LEVEL_OBJECTIVES = frozenset({"relation", "contrastive_kd"})
 
 
 class AMALParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    meta_lr: PositiveFloat = 1500.0
+    meta_lr: PositiveFloat | None = Field(None, description="the meta step's learning rate; default 150 / alpha "
+                                          "(the paper's 1500 at its SGD lr 0.1), alpha the look-ahead's lr")
     virtual_lr: PositiveFloat | None = None
     meta_every: PositiveInt = 1
     meta_start: NonNegativeInt = 0
@@ -175,6 +184,14 @@ def meta_gradient(terms: torch.Tensor, weights: torch.Tensor, params: Mapping[st
     return torch.zeros_like(w) if grad_w is None else grad_w.detach()
 
 
+PAPER_META_STEP = 1500 * 0.1  # the paper's meta_lr x alpha (meta lr 1500, SGD lr 0.1)
+
+
+def effective_meta_lr(params: AMALParams, virtual_lr: float) -> float:
+    """``meta_lr`` as configured, else the paper's meta step at learning rate ``virtual_lr``: 150 / alpha."""
+    return params.meta_lr if params.meta_lr is not None else PAPER_META_STEP / virtual_lr
+
+
 def meta_update(weights: torch.Tensor, grad: torch.Tensor, meta_lr: float, max_weight: float) -> torch.Tensor:
     """w <- clip(w - meta_lr * g, 0, max_weight): one projected SGD step (no normalisation over terms)."""
     return (weights - meta_lr * grad.to(weights.dtype)).clamp(0.0, max_weight)
@@ -228,6 +245,7 @@ class AMALStep(OfflineStep):
         self.register_buffer("amal_weights", start.repeat(n_examples, 1))
         self.register_buffer("meta_updates", torch.zeros((), dtype=torch.long))
         self.validation, self.val_loss, self.params, self.virtual_lr = validation, val_loss, params, virtual_lr
+        self.meta_lr = effective_meta_lr(params, virtual_lr)
 
     def meta_due(self, progress: Progress) -> bool:
         p = self.params
@@ -252,7 +270,7 @@ class AMALStep(OfflineStep):
         weights = self.amal_weights[index]
         for _ in range(self.params.meta_steps):
             grad = meta_gradient(terms, weights, params, loss, self.virtual_lr)
-            weights = meta_update(weights, grad, self.params.meta_lr, self.params.max_weight)
+            weights = meta_update(weights, grad, self.meta_lr, self.params.max_weight)
         self.amal_weights[index] = weights.to(self.amal_weights.dtype)
         self.meta_updates += 1
 
@@ -269,6 +287,8 @@ class AMALStep(OfflineStep):
         total = (weights * terms).sum(-1).mean()
         logged = {name: float(terms[:, k].detach().mean()) for k, name in enumerate(self.loss.names)}
         logged.update({f"amal_w:{name}": float(weights[:, k].mean()) for k, name in enumerate(self.loss.names)})
+        logged.update({f"amal_w_sd:{name}": float(self.amal_weights[:, k].std()) for k, name in
+                       enumerate(self.loss.names)})
         return total, logged
 
 
@@ -321,6 +341,7 @@ class AMAL(Strategy):
         p = self.params
         validation = ValidationBatches(ctx.data.selection, ctx.data.collator(ctx.learner.tokenizer, train=False),
                                        p.val_batch_size or train.batch_size, train.seed + ctx.index)
+        alpha = p.virtual_lr if p.virtual_lr is not None else train.lr
+        log.info("stage %s: amal meta lr %g (look-ahead lr %g)", ctx.stage.name, effective_meta_lr(p, alpha), alpha)
         return AMALStep(parts.learner, parts.loss, parts.teachers, initial_weights(ctx.stage),
-                        len(ctx.train_data), validation, val_loss, p,
-                        p.virtual_lr if p.virtual_lr is not None else train.lr)
+                        len(ctx.train_data), validation, val_loss, p, alpha)
