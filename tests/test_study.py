@@ -60,6 +60,10 @@ def test_study_end_to_end(study_tree, one_thread, tmp_path):
     report = json.loads((folder / "study.json").read_text())
     assert report["complete"] and report["teachers"][0]["score"] == next(iter(result.summaries.values()))[
         "teacher"]["accuracy"]
+    shared_folder = Path(next(iter(result.summaries.values()))["run_dir"]).parents[2] / "teachers"
+    name = report["teachers"][0]["teacher"]  # as a reader knows it, with its shared folder
+    assert name.startswith("teacher: ") and "fine-tuned" in name and any(
+        f"(folder {p.name})" in name for p in shared_folder.iterdir())
     by_row = {r: {s["seed"]: s["value"] for s in result.summaries.values() if s["row"] == r} for r in ("kd", "ce only")}
     diff = paired_difference(by_row["kd"], by_row["ce only"])
     [claim] = report["claims"]

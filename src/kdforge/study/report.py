@@ -84,13 +84,27 @@ class StudyTables:
                                  seed_values(self.cells.get((point, b), {}), metric))
 
 
+def teacher_name(spec: RunSpec | None, folder: str) -> str:
+    """The primary teacher as a reader knows it (model, fine-tuning, seed), with its shared folder."""
+    if spec is None:
+        return folder
+    config = spec.config()
+    role = next(iter(config.teacher_configs()))
+    teacher = config.teacher_configs()[role]
+    ft = teacher.finetune
+    trained = f", fine-tuned {ft.epochs} epochs at lr {ft.lr:g}, seed {ft.seed}" if ft else ""
+    where = f" (folder {folder})" if folder != teacher.model else ""
+    return f"{role}: {teacher.model}{trained}{where}"
+
+
 def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], list[str]]:
     """Each distinct teacher's score, trivial baseline and floor; the warnings for those below it."""
     seen: dict[str, dict] = {}
     for summary in tables.summaries.values():
         seen.setdefault(summary.get("teacher_id", "teacher"), summary)
     out, warnings = [], []
-    for name, summary in seen.items():
+    for folder, summary in seen.items():
+        name = teacher_name(tables.specs.get((summary["point"], summary["row"])), folder)
         metric = summary["main_metric"]
         score, base = summary["teacher"].get(metric), summary["baseline"].get(metric)
         floor = teacher_floor(summary["task"], metric, base, study.teacher_floor)
