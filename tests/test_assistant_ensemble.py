@@ -152,3 +152,19 @@ def test_labels_that_do_not_match_the_predictions_are_rejected():
         fit_ensemble_weights(logits, y[:-1])
     with pytest.raises(KDForgeError, match=r"\[0, 5\)"):
         fit_ensemble_weights(logits, y + 5)
+
+
+def test_de_finds_interior_weights_that_no_vertex_or_uniform_reaches():
+    """Two classes, label 0 always; p_k = each assistant's probability of it. The mix w p_1 + (1 - w) p_2
+    is right iff w (p_1 - p_2) > 1/2 - p_2: with p_1 = 0.9 an example is right iff w > (0.5 - p_2) / (0.9 - p_2),
+    with p_1 = 0.1 iff w < (p_2 - 0.5) / (p_2 - 0.1). Thresholds w > 0.1, 0.2, 0.25 and w < 0.45, 0.35, 0.3
+    (20 examples each): accuracy 1 only for w in (0.25, 0.3); 1/2 at both vertices and at the uniform weights."""
+    lower, upper = (0.1, 0.2, 0.25), (0.45, 0.35, 0.3)
+    pairs = [(0.9, (0.5 - 0.9 * a) / (1 - a)) for a in lower] + [(0.1, (0.5 - 0.1 * b) / (1 - b)) for b in upper]
+    p = np.repeat(np.array(pairs), 20, axis=0)  # (120, 2): (p_1, p_2) per example
+    logits = [np.log(np.stack([p[:, k], 1 - p[:, k]], axis=1)) for k in range(2)]
+    y = np.zeros(len(p), dtype=np.int64)
+    for w_vertex in ([1.0, 0.0], [0.0, 1.0], [0.5, 0.5]):
+        assert ensemble_score(logits, y, w_vertex) == pytest.approx(0.5)
+    w = fit_ensemble_weights(logits, y, seed=0)
+    assert 0.25 < w[0] < 0.3 and ensemble_score(logits, y, w) == 1.0
