@@ -14,7 +14,7 @@ from kdforge.config import ObjectiveConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.outputs import Outputs
-from kdforge.objectives.base import OBJECTIVES, Progress, build_objective
+from kdforge.objectives.base import Progress, build_objective
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.ctkd import CTKD, gradient_reversal, grl_lambda
 from tests.helpers import offline_step
@@ -315,7 +315,6 @@ def test_wrapped_kd_at_a_fixed_temperature_equals_hinton_kd():
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.skipif("dkd" not in OBJECTIVES, reason="objective `dkd` is not registered yet")
 def test_wrapped_dkd_at_a_fixed_temperature_equals_dkd_and_trains_theta():
     objective = ctkd(base="dkd", base_params={"alpha": 1, "beta": 8}, theta_init=math.log(0.15 / 0.85))
     dkd = build_objective(ObjectiveConfig(name="dkd", alpha=1, beta=8))

@@ -179,11 +179,16 @@ def test_input_helpers_and_model_latency():
     assert set(result["batch_sizes"]) == {"1", "32"} and model.training
 
     class Kw(nn.Module):
+        calls: list = []
+
         def forward(self, input_ids, attention_mask, token_type_ids):
+            self.calls.append((input_ids.shape, attention_mask.shape, token_type_ids.shape))
             return input_ids.float().sum()
 
-    result = model_latency(Kw(), lambda bs: text_inputs(100, bs, 4), batch_sizes=(2,), warmup=0, repeats=1)
-    assert result["batch_sizes"]["2"]["median_ms"] >= 0
+    kw = Kw()
+    result = model_latency(kw, lambda bs: text_inputs(100, bs, 4), batch_sizes=(2,), warmup=0, repeats=3)
+    assert kw.calls == [((2, 4), (2, 4), (2, 4))] * 3  # every input passed by keyword, every timed run
+    assert result["batch_sizes"]["2"]["median_ms"] > 0
 
 
 # --------------------------------------------------------------------------- size

@@ -156,11 +156,14 @@ def test_feature_objectives_run_through_the_job(tmp_path, job_tree, objectives, 
     tree.update(teacher={"model": job_tree["teacher"]["model"]}, objectives=objectives,
                 teacher_cache=dict(cache, folder=str(tmp_path / "cache")))
     tree["train"]["epochs"] = 1
-    result = jobs.run_distill(validate_config(tree))
-    assert 0 <= result.student.metrics["accuracy"] <= 1
+    jobs.run_distill(validate_config(tree))
     assert any((tmp_path / "cache").glob("*.pt")) == cached
-    history = json.loads((Path(tree["output_dir"]) / "metrics.json").read_text())["history"]
-    assert np.isfinite(history[0]["loss"])
+    epoch = json.loads((Path(tree["output_dir"]) / "metrics.json").read_text())["history"][0]
+    terms = {o["name"]: epoch[f"loss:{o['name']}"] for o in objectives}
+    assert all(np.isfinite(v) and v > 0 for v in terms.values())  # every term ran and the student is not the teacher
+    # the trained loss is the weighted sum of the terms (epoch means of per-step values, both linear)
+    weighted = sum(o.get("weight", 1.0) * terms[o["name"]] for o in objectives)
+    assert epoch["loss"] == pytest.approx(weighted, rel=1e-4)
 
 
 def test_vision_job_on_digits(tmp_path):
