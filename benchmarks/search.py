@@ -57,7 +57,7 @@ from kdforge.tasks.base import build_task
 RESULTS = Path(__file__).parent / "results"
 OUT = Path("runs/bench-search")
 METHODS = ("kdnas", "autokd", "random")
-SEARCH = {"trials": 12, "proxy_rows": 1000, "proxy_epochs": 2, "latency_batch_size": 32, "latency_repeats": 10,
+SEARCH = {"trials": 12, "proxy_rows": 1000, "proxy_epochs": 4, "latency_batch_size": 32, "latency_repeats": 10,
           "final_top": 1, "seed": 0}
 EVAL = {"latency_batch_sizes": [1, 32], "latency_seq_len": 64, "latency_repeats": 20, "latency_warmup": 3,
         "threads": 2}

@@ -19,6 +19,7 @@ import yaml
 from kdforge import api
 from kdforge.cli import main
 from kdforge.config import validate_config
+from kdforge.errors import KDForgeError
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +241,19 @@ def test_pruning_stops_a_candidate_early_but_never_after_its_last_epoch():
     callback(trainer)  # the last epoch: reported, not pruned
     callback(trainer)  # called again after the same epoch (every step): reported once
     assert trial.reports == [(1, 0.5), (2, 0.8)]
+
+
+def test_autokd_needs_three_rungs_and_the_report_counts_each(tmp_path):
+    from kdforge.search.report import rung_counts
+
+    def job(**search):
+        return {"task": {"name": "glue/sst2"}, "teacher": {"model": "x"}, "search": {"method": "autokd", **search}}
+
+    with pytest.raises(KDForgeError, match=r"search.proxy_epochs 2: AutoKD's successive halving needs at least 3"):
+        validate_config(job(proxy_epochs=2))
+    validate_config(job(proxy_epochs=4))
+    validate_config(job(objective="pareto", proxy_epochs=2))  # no pruning: no rungs
+    records = [{"state": "PRUNED", "epochs": 1}, {"state": "PRUNED", "epochs": 1}, {"state": "PRUNED", "epochs": 2},
+               {"state": "COMPLETE", "epochs": 4}, {"state": "RUNNING", "epochs": 3}, {"state": "FAIL", "epochs": 0}]
+    assert rung_counts(records, 4) == [(1, 4), (2, 2), (4, 1)]
+    assert rung_counts(records, 6) == [(1, 4), (2, 2), (4, 1), (6, 0)]

@@ -286,7 +286,7 @@ class SearchConfig(Strict):
                                         "[] = not searched")
     proxy_rows: PositiveInt = Field(1000, description="training rows every candidate learns from (a fixed subset)")
     proxy_epochs: PositiveInt = Field(2, description="epochs of each candidate's mini-distillation (the fidelity "
-                                      "autokd prunes on)")
+                                      "autokd prunes on: rungs at 1, 2, 4, ... epochs, so autokd needs 4 or more)")
     validation: float = Field(0.1, gt=0, lt=1, description="fraction of the training rows carved off as the "
                               "validation split candidates are scored on, when task.validation is not set")
     candidate_objectives: list[ObjectiveConfig] | None = Field(
@@ -307,6 +307,14 @@ class SearchConfig(Strict):
     study_name: str | None = Field(None, description="default: the output folder's name")
     heartbeat_s: PositiveInt = Field(30, description="a worker's heartbeat; a trial silent for 2x this is failed "
                                      "and retried by the next worker")
+
+    @model_validator(mode="after")
+    def _three_rungs(self) -> SearchConfig:
+        if self.method == "autokd" and self.objective == "reward" and self.proxy_epochs < 4:
+            raise ValueError(f"search.proxy_epochs {self.proxy_epochs}: AutoKD's successive halving needs at least 3 "
+                             "rungs (candidates scored after 1, 2 and 4 epochs, halving at each); set "
+                             "search.proxy_epochs: 4 or more")
+        return self
 
 
 class AugmentConfig(Strict):

@@ -18,6 +18,16 @@ from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text,
 from kdforge.run_folder import RunFolder
 
 
+def rung_counts(records: list[dict[str, Any]], proxy_epochs: int) -> list[tuple[int, int]]:
+    """(epochs, finished candidates that were scored after that many epochs) at each rung of successive
+    halving with reduction factor 2: 1, 2, 4, ... epochs up to ``proxy_epochs`` (the last rung: complete)."""
+    rungs = [2 ** i for i in range(proxy_epochs.bit_length()) if 2 ** i <= proxy_epochs]
+    if rungs[-1] != proxy_epochs:
+        rungs.append(proxy_epochs)
+    done = [r for r in records if r["state"] in ("COMPLETE", "PRUNED")]
+    return [(e, sum(1 for r in done if r["epochs"] >= e)) for e in rungs]
+
+
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
     """One JSON-ready record per trial: number, state, sampled choices, and what the trial measured."""
     records = []
@@ -108,6 +118,9 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
               f"interleaved with the teacher"
               + (f" (teacher median {sorted(teacher_ms)[len(teacher_ms) // 2]:.1f} ms)." if teacher_ms else ".")),
     ]
+    if search.method == "autokd" and search.objective == "reward":
+        rungs = ", ".join(f"{n} reached {e} epoch(s)" for e, n in rung_counts(records, search.proxy_epochs))
+        blocks.append(("p", f"Successive halving (reduction factor 2), candidates per rung: {rungs}."))
     noisy = [r["number"] for r in complete if r.get("latency_noisy")]
     if noisy:
         listed = ", ".join(f"#{n}" for n in noisy[:10]) + (", ..." if len(noisy) > 10 else "")
