@@ -63,6 +63,8 @@ def test_kdnas_search_end_to_end(search_tree, one_thread):
     assert final.student.config["hidden_size"] == choices["hidden_size"]
     assert len(final.student.layers) == choices["layers"]
     assert best["student"]["params"] == top["params"]  # the final student is the searched candidate
+    # ... distilled with the terms the proxy ranked it with: the job's and KD-NAS's hidden-state term
+    assert [o.name for o in final.objectives] == [o["name"] for o in search_tree["objectives"]] + ["tinybert_hidden"]
     assert (Path(best["run_dir"]) / "report.html").is_file()
     html = (result.folder / "report.html").read_text()
     assert "Every candidate" in html and "data:image/png;base64" in html and "kdforge distill" in html

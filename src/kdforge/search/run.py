@@ -111,12 +111,16 @@ def ranked_trials(study: optuna.Study, config: JobConfig) -> list[optuna.trial.F
     return list(unique.values())
 
 
-def final_config(config: JobConfig, folder: Path, overrides: dict[str, Any], rank: int) -> JobConfig:
-    """The job with the candidate as its student, into ``best/rank-<rank>``; a teacher the search
-    fine-tuned is used from its folder (not fine-tuned again)."""
+def final_config(config: JobConfig, folder: Path, overrides: dict[str, Any], rank: int,
+                 objectives: list[dict[str, Any]] | None = None) -> JobConfig:
+    """The job with the candidate as its student, into ``best/rank-<rank>``, distilled with the terms the
+    proxy ranked it with (``objectives``: the job's and the candidate terms, e.g. KD-NAS's hidden-state
+    term); a teacher the search fine-tuned is used from its folder (not fine-tuned again)."""
     from kdforge.config import apply_overrides
 
     tree = apply_overrides(config.model_dump(mode="json"), overrides)
+    if objectives is not None:
+        tree["objectives"] = objectives
     for role, spec in config.teacher_configs().items():
         tuned = RunFolder(folder).teacher(role).model
         if spec.finetune is not None and tuned.is_dir():
@@ -131,7 +135,7 @@ def distill_best(config: JobConfig, study: optuna.Study, folder: Path) -> list[d
 
     best = []
     for rank, trial in enumerate(ranked_trials(study, config)[:config.search.final_top], start=1):
-        cfg = final_config(config, folder, trial.user_attrs["overrides"], rank)
+        cfg = final_config(config, folder, trial.user_attrs["overrides"], rank, trial.user_attrs.get("objectives"))
         log.info("final run %d: trial %d distilled on the full training set into %s", rank, trial.number,
                  cfg.output_dir)
         result = run_distill(cfg, resume=True)

@@ -152,7 +152,7 @@ def best_score(history: list[dict], metric: str, greater_is_better: bool) -> flo
 
 def run_trial(ctx: SearchContext, trial: optuna.Trial, pareto: bool, prune: bool) -> float | tuple[float, float]:
     """Sample, build, time, mini-distill and score one candidate; its record goes to the trial's
-    user attributes (params, score, latency, reward, parameters, overrides)."""
+    user attributes (params, score, latency, reward, parameters, overrides, the objectives it learnt with)."""
     params = ctx.space.sample(trial)
     work_dir = ctx.folder / "work" / f"trial-{trial.number}"
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -162,6 +162,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial, pareto: bool, prune: bool
     timing = measure_candidate(ctx, student)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("overrides", candidate_overrides(ctx, params))
+    trial.set_user_attr("objectives", [o.model_dump(mode="json") for o in cfg.objectives])  # what ranked it
     trial.set_user_attr("params", count_parameters(student.model))
     for key, value in timing.items():
         trial.set_user_attr(key, value)
