@@ -272,9 +272,14 @@ class SearchConfig(Strict):
     candidate on a fixed proxy subset of the training rows and scores it on the validation split."""
 
     method: Literal["kdnas", "autokd", "random"] = Field(
-        "kdnas", description="kdnas: an LSTM controller learned by REINFORCE on the reward (KD-NAS); autokd: "
+        "kdnas", description="kdnas: an LSTM controller that predicts each candidate's reward and sends the "
+        "predicted best of a pool to the proxy (KD-NAS; `controller`); autokd: "
         "Optuna's TPE (Bayesian optimisation) with successive-halving pruning over proxy epochs (AutoKD); "
         "random: uniform sampling (the baseline)")
+    controller: Literal["predictor", "reinforce"] = Field(
+        "predictor", description="kdnas: predictor = the paper's reward predictor (an LSTM regressed on the rewards "
+        "so far, picking the predicted best of a random pool, 10% exploration, 5 random warm-up episodes); "
+        "reinforce = an LSTM policy trained by REINFORCE (Zoph & Le), kdforge's earlier controller")
     trials: PositiveInt = Field(30, description="finished trials (complete or pruned) the study stops at, "
                                 "counted over every worker")
     objective: Literal["reward", "pareto"] = Field(

@@ -47,7 +47,7 @@ __all__ = ["ControllerTrainer", "KDNASSampler", "LSTMController"]
 _INIT_RANGE = 0.08  # Zoph & Le initialise every controller weight uniformly in [-0.08, 0.08]
 
 
-def _check_choices(choices: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+def check_choices(choices: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
     if not isinstance(choices, Mapping) or not choices:
         raise KDForgeError("the student search space is empty; give at least one decision with its list of choices")
     checked: dict[str, list[Any]] = {}
@@ -80,7 +80,7 @@ class LSTMController(torch.nn.Module):
 
     def __init__(self, choices: dict[str, list], hidden: int = 32, seed: int = 0):
         super().__init__()
-        choices = _check_choices(choices)
+        choices = check_choices(choices)
         if int(hidden) < 1:
             raise KDForgeError(f"the controller hidden size must be >= 1, got {hidden!r}")
         self.names: list[str] = list(choices)
@@ -235,7 +235,7 @@ class KDNASSampler(BaseSampler):
         baseline_decay: float = 0.9,
         entropy_weight: float = 1e-3,
     ):
-        self._choices = _check_choices(choices)
+        self._choices = check_choices(choices)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise KDForgeError(f"the search seed must be an integer >= 0, got {seed!r}")
         self._seed = seed

@@ -16,6 +16,7 @@ from kdforge.evaluation.plots import best_so_far_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from kdforge.run_folder import RunFolder
+from kdforge.search.predictor import PREDICTED, prediction_track
 
 
 def rung_counts(records: list[dict[str, Any]], proxy_epochs: int) -> list[tuple[int, int]]:
@@ -36,7 +37,7 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
                         "values": list(t.values) if t.values else None,
                         "seconds": t.duration.total_seconds() if t.duration else None,
                         "epochs": len(t.intermediate_values), "retry_of": t.system_attrs.get("failed_trial"),
-                        **t.user_attrs})
+                        "predicted": t.system_attrs.get(PREDICTED), **t.user_attrs})
     return records
 
 
@@ -102,8 +103,10 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
     search, metric = config.search, task.main_metric
     for b in best:
         b["validation"] = final_validation(b["run_dir"], metric, task.greater_is_better)
+    track = prediction_track(records)
     atomic_write_json(folder / "trials.json", {"study": study.study_name, "method": search.method,
-                                               "objective": search.objective, "trials": records, "best": best})
+                                               "objective": search.objective, "trials": records, "best": best,
+                                               "predictions": track})
     complete = [r for r in records if r["state"] == "COMPLETE" and finite_number(r.get("score"))]
     counts = {s: sum(1 for r in records if r["state"] == s) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     bs = search.latency_batch_size or max(config.eval.latency_batch_sizes)
@@ -118,6 +121,13 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
               f"interleaved with the teacher"
               + (f" (teacher median {sorted(teacher_ms)[len(teacher_ms) // 2]:.1f} ms)." if teacher_ms else ".")),
     ]
+    if track:
+        rho = next((t["spearman"] for t in reversed(track) if t["spearman"] is not None), None)
+        series = ", ".join(f"#{t['trial']} {t['spearman']:+.2f}" for t in track if t["spearman"] is not None)
+        blocks.append(("p", f"KD-NAS predictor: {len(track)} candidate(s) chosen as the predicted best of a pool; "
+                            "Spearman rank correlation of their predicted and measured rewards "
+                            + (f"{rho:+.2f} over all of them (after each episode: {series})." if rho is not None
+                               else "not yet defined (fewer than 3 episodes).")))
     if search.method == "autokd" and search.objective == "reward":
         rungs = ", ".join(f"{n} reached {e} epoch(s)" for e, n in rung_counts(records, search.proxy_epochs))
         blocks.append(("p", f"Successive halving (reduction factor 2), candidates per rung: {rungs}."))

@@ -33,7 +33,7 @@ from kdforge.roles.base import capabilities
 from kdforge.run_folder import RunFolder
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import trial_records, write_search_report
-from kdforge.search.space import SearchSpace
+from kdforge.search.space import LOSS_DIMS, SearchSpace
 from kdforge.search.study import FINISHED, finished_count, make_storage, open_study, storage_url
 from kdforge.search.trial import SearchContext, run_trial
 from kdforge.search.workers import run_with_local_workers, worker_threads
@@ -97,6 +97,16 @@ def run_worker(ctx: SearchContext, study: optuna.Study) -> None:
                    callbacks=[optuna.study.MaxTrialsCallback(search.trials, states=FINISHED)])
 
 
+def search_space_settings(config: JobConfig) -> dict[str, list[Any]]:
+    """``search.space``; KD-NAS (v1) searches the architecture only, so for ``kdnas`` the temperature and
+    the KD weight are searched only when the space lists them (our addition, an option)."""
+    space = dict(config.search.space)
+    if config.search.method == "kdnas":
+        for dim in LOSS_DIMS:
+            space.setdefault(dim, [])
+    return space
+
+
 def ranked_trials(study: optuna.Study, config: JobConfig) -> list[optuna.trial.FrozenTrial]:
     """Finished candidates, best first: by reward, or (pareto) the front by score; one per candidate."""
     if config.search.objective == "pareto":
@@ -157,7 +167,7 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
     config_path = folder / "search-config.yaml"
     if not join:
         atomic_write_text(config_path, dump_config(config))
-    space = SearchSpace.from_dict(config.search.space, space_kind(config))
+    space = SearchSpace.from_dict(search_space_settings(config), space_kind(config))
     storage = make_storage(config)  # a bad space, URL or an unreachable database: refused before any training
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
     task = build_task(config.task)

@@ -7,8 +7,10 @@ machines), its sampler (which method proposes candidates) and its pruner.
   ``search.heartbeat_s``; a trial whose worker went silent for twice that is marked failed and run
   again (with the same candidate) by the next worker that starts a trial, so a killed worker loses
   only its running trial.
-* Samplers: ``kdnas`` -> :class:`~kdforge.search.controller.KDNASSampler` (an LSTM controller learned
-  by REINFORCE, replayed from the study's finished trials); ``autokd`` -> Optuna's multivariate TPE
+* Samplers: ``kdnas`` -> :class:`~kdforge.search.predictor.PredictorSampler` (the paper's controller: an
+  LSTM reward predictor refitted on the study's finished trials, sending the predicted best of a random
+  pool), or with ``search.controller: reinforce`` :class:`~kdforge.search.controller.KDNASSampler` (an
+  LSTM policy learned by REINFORCE, replayed from the study's finished trials); ``autokd`` -> Optuna's multivariate TPE
   (Bayesian optimisation: Bergstra et al. 2011; random start-up trials: Optuna's 10, or a quarter of
   the budget when that is smaller, at least 3); ``random``
   -> uniform sampling. Every method searches the same space with the same seed.
@@ -28,6 +30,7 @@ from optuna.trial import TrialState
 from kdforge.config import JobConfig
 from kdforge.errors import KDForgeError
 from kdforge.search.controller import KDNASSampler
+from kdforge.search.predictor import PredictorSampler
 from kdforge.search.space import SearchSpace
 from kdforge.search.storage import open_storage
 
@@ -49,7 +52,9 @@ def make_storage(config: JobConfig) -> RDBStorage:
 def make_sampler(config: JobConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
     search = config.search
     if search.method == "kdnas":
-        return KDNASSampler(space.dimensions(), seed=search.seed)
+        if search.controller == "reinforce":
+            return KDNASSampler(space.dimensions(), seed=search.seed)
+        return PredictorSampler(space.dimensions(), seed=search.seed)
     if search.method == "autokd":
         startup = min(10, max(3, search.trials // 4))  # Optuna's 10 random start-up trials, fewer on small budgets
         return optuna.samplers.TPESampler(seed=search.seed, multivariate=True, n_startup_trials=startup)
