@@ -94,6 +94,9 @@ def test_two_generations_on_digits_end_to_end(tmp_path, one_thread):
     metrics = json.loads((run / "metrics.json").read_text())
     assert result.student.metrics["accuracy"] > 0.3  # learnt something in one short epoch (10 classes)
     assert set(metrics["other_roles"]) == {"gen1"}  # generation 1 is scored beside teacher and student
+    bane = metrics["ensembles"]["BANE"]  # and the generations' ensemble (gen1 + student), as the paper scores it
+    assert bane["params"] == metrics["other_roles"]["gen1"]["params"] + metrics["student"]["params"]
+    assert 0 < bane["metrics"]["accuracy"] <= 1 and "BANE" in (run / "report.md").read_text()
     stages = {h["stage"] for h in metrics["history"]}
     assert stages == {"gen1", "student"}
     assert json.loads((run / "stages/gen1.json").read_text())["history"]

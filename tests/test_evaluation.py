@@ -24,6 +24,7 @@ from kdforge.evaluation.model_report import (
 from kdforge.evaluation.run_page import write_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.io import atomic_write_json, atomic_write_text
+from kdforge.models.outputs import Outputs
 from kdforge.problems.calibration import expected_calibration_error, reliability_bins
 
 # --------------------------------------------------------------------------- calibration
@@ -342,3 +343,23 @@ def test_footer_says_a_model_was_not_timed():
     untimed = ModelReport("teacher", {"accuracy": 0.9}, "accuracy", 0.05, 0, 0.0, {})
     timed = ModelReport("student", {"accuracy": 0.8}, "accuracy", 0.06, 10, 1.0, {"threads": 1, "repeats": 3})
     assert "torch threads: teacher not timed, student 1 (median of 3 timed runs)" in footer_lines(untimed, timed)[0]
+
+
+def test_an_ensemble_form_averages_its_members_probabilities():
+    from kdforge.evaluation.evaluate import EnsembleAdapter
+
+    class Fixed(nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, batch):
+            return Outputs(logits=self.logits)
+
+    a, b = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0], [0.0, 1.0, 0.0]]
+    out = EnsembleAdapter([Fixed(a), Fixed(b)])({})
+    mean = (torch.softmax(torch.tensor(a), -1) + torch.softmax(torch.tensor(b), -1)) / 2
+    torch.testing.assert_close(torch.softmax(out.logits, -1), mean)
+    torch.testing.assert_close(out.logits.exp().sum(-1), torch.ones(2))  # the logits are log probabilities
+    # sample 0: member a says class 0 (p 0.79), b class 2 (p 0.91): the ensemble picks 2
+    assert out.logits.argmax(-1).tolist() == [2, 1]

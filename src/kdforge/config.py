@@ -250,6 +250,9 @@ class EvalConfig(Strict):
                                               "estimate (it stops earlier once converged: sharpness_tol)")
     sharpness_tol: PositiveFloat = Field(1e-3, description="the sharpness estimate has converged when it changes "
                                          "by less than this fraction of itself between two iterations")
+    ensembles: dict[str, list[str]] = Field(
+        default_factory=dict, description="name -> roles: each ensemble (the mean of its members' class "
+        "probabilities) is scored beside the models, e.g. born-again's BANE {BANE: [teacher, gen1, student]}")
 
 
 class ExportConfig(Strict):
@@ -427,6 +430,11 @@ class JobConfig(Strict):
                 if role not in roles or role in (STUDENT, stage.learner):
                     raise ValueError(f"stage {stage.name!r}: {role!r} cannot teach here; roles: "
                                      f"{', '.join(r for r in roles if r not in (STUDENT, stage.learner))}")
+        for name, members in self.eval.ensembles.items():
+            unknown = ", ".join(m for m in members if m not in roles)
+            if len(members) < 2 or unknown:
+                raise ValueError(f"eval.ensembles.{name}: give two or more of the job's roles "
+                                 f"({', '.join(sorted(roles))})" + (f"; {unknown} is not one" if unknown else ""))
         return self
 
     def teacher_configs(self) -> dict[str, TeacherConfig]:

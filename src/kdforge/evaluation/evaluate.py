@@ -25,6 +25,7 @@ from kdforge.evaluation.sanity import per_class_report
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel
+from kdforge.models.outputs import Outputs
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Form:
 
     name: str
     adapter: nn.Module
-    forward: Callable[[int], Any]
+    forward: Callable[[int], Any] | None  # None: scored, not timed
     tokenizer: Any
     params: int
     size_mb: float
@@ -62,6 +63,27 @@ def pytorch_form(name: str, loaded: LoadedModel, task, config: EvalConfig) -> Fo
 
     return Form(name, ModelAdapter(model), forward, loaded.tokenizer, count_parameters(model),
                 size_on_disk_mb(model))
+
+
+class EnsembleAdapter(nn.Module):
+    """Members' adapters -> ``Outputs(logits = log mean_k softmax(z_k))``: the ensemble's class
+    probabilities as logits (their softmax is the mean exactly; born-again's BANE averages them so)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, batch: dict[str, Any]) -> Outputs:
+        log_p = torch.stack([torch.log_softmax(m(batch).logits.float(), dim=-1) for m in self.members])
+        return Outputs(logits=torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(self.members)))))
+
+
+def ensemble_form(name: str, members: list[LoadedModel]) -> Form:
+    """The ensemble of ``members`` (sharing the first one's tokenizer), scored but not timed; its parameters
+    and size are the members' together."""
+    models = [m.model.to("cpu").eval() for m in members]
+    return Form(name, EnsembleAdapter([ModelAdapter(m) for m in models]), None, members[0].tokenizer,
+                sum(count_parameters(m) for m in models), sum(size_on_disk_mb(m) for m in models))
 
 
 def onnx_form(name: str, path: Path, loaded: LoadedModel, task, config: EvalConfig) -> Form:

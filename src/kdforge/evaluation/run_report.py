@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kdforge.blackbox.teacher import stats_line
-from kdforge.config import STUDENT, JobConfig, dump_config
-from kdforge.evaluation.evaluate import Form, onnx_form, pytorch_form, score_form, time_forms
+from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, dump_config
+from kdforge.evaluation.evaluate import Form, ensemble_form, onnx_form, pytorch_form, score_form, time_forms
 from kdforge.evaluation.latency import describe_latency_noise
 from kdforge.evaluation.model_report import ModelReport, comparison_summary, format_table
 from kdforge.evaluation.run_page import Findings, write_report
@@ -71,6 +71,8 @@ def build_forms(config: JobConfig, task: Task, models: dict[str, LoadedModel], t
         forms.append(onnx_form(name, path, teacher if name.startswith("teacher") else student, task, config.eval))
     forms += [model_form(role, role, loaded, task, config) for role, loaded in models.items()
               if role not in (teacher_role, STUDENT)]
+    forms += [ensemble_form(name, [models[teacher_role if r == PRIMARY_TEACHER else r] for r in members])
+              for name, members in config.eval.ensembles.items()]
     return forms
 
 
@@ -167,7 +169,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     warnings = sanity_warnings(reports, baseline_main, task.main_metric,
                                task.greater_is_better, counts, split=task.eval_split, label_names=task.label_names)
     roles = {role: reports[role] for role in models if role not in (teacher_role, STUDENT)}
-    exports = {n: r for n, r in reports.items() if n not in ("teacher", "student", *roles)}
+    ensembles = {name: reports[name] for name in config.eval.ensembles}
+    exports = {n: r for n, r in reports.items() if n not in ("teacher", "student", *roles, *ensembles)}
     selects = config.stage_train(config.all_stages()[-1]).select_best  # else the last epoch is kept
     splits = {"selected_on": task.describe_split(task.selection_split) if selects else None,
               "reported_on": task.describe_split(task.eval_split)}
@@ -184,6 +187,7 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
             "comparison": comparison_summary(teacher, student),
             "exports": {n: r.to_dict() for n, r in exports.items()},
             "other_roles": {n: r.to_dict() for n, r in roles.items()},
+            **({"ensembles": {n: r.to_dict() for n, r in ensembles.items()}} if ensembles else {}),
             "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
             "latency": {k: v for k, v in timing.items() if k != "models"},
             **splits, "provenance": provenance, "history": history or [],

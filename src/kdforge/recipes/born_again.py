@@ -59,7 +59,9 @@ def born_again_tree(tree: dict, generations: int, student: dict | None = None) -
     ``vision:NAME`` teacher, i.e. a fresh net of the teacher's architecture), and writes ``stages``:
     ``gen1`` (learner gen1, teachers [teacher]), ``gen2`` (learner gen2, teachers [gen1]), ...,
     ``student`` (learner student, teachers [gen{N-1}]), each with the tree's ``objectives``.
-    ``generations = 1`` is plain self-distillation (one stage). The tree's own assistants are kept;
+    ``generations = 1`` is plain self-distillation (one stage). With two or more generations the report
+    also scores BANE, the paper's ensemble of the born-again generations (the mean of gen1 .. student's
+    class probabilities; ``eval.ensembles``). The tree's own assistants are kept;
     it must not already hold ``stages`` or a ``gen<g>`` assistant. Nothing else is validated here:
     pass the result to :func:`kdforge.config.validate_config`."""
     if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
@@ -84,4 +86,7 @@ def born_again_tree(tree: dict, generations: int, student: dict | None = None) -
                        "objectives": copy.deepcopy(objectives)})
         previous = learner
     out["stages"] = stages
+    if generations >= 2:  # BANE: the born-again generations' ensemble, scored beside them
+        evaluation = out.setdefault("eval", {})
+        evaluation["ensembles"] = {**(evaluation.get("ensembles") or {}), "BANE": [*roles, STUDENT]}
     return out
