@@ -222,3 +222,36 @@ def test_compare_runs_errors(tmp_path):
     with pytest.raises(KDForgeError, match=r"different tasks.*run-a \(sst2\).*run-c \(cola\)"):
         compare_runs([a, cola], tmp_path / "out")
     assert not (tmp_path / "out" / "compare.html").exists()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions draw, captured at the moment they are turned into PNG bytes."""
+    from kdforge.evaluation import plots
+
+    figures = []
+    real = plots._png
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or real(fig))
+    return figures
+
+
+def test_the_reliability_diagram_draws_each_bins_accuracy_and_count(drawn):
+    hand = {"lower": [0.0, 0.25, 0.5, 0.75], "upper": [0.25, 0.5, 0.75, 1.0], "count": [0, 0, 3, 1],
+            "accuracy": [None, None, 2 / 3, 1.0], "ece": 0.1}
+    reliability_png({"teacher": hand})
+    top, bottom = drawn[0].axes
+    bars = [(round(p.get_x(), 6), round(p.get_height(), 6)) for p in top.patches]
+    assert bars == [(0.5, round(2 / 3, 6)), (0.75, 1.0)]  # the bins below the data range are cut off
+    assert [round(p.get_height()) for p in bottom.patches] == [3, 1]
+    assert top.get_xlim() == (0.5, 1.0) and "teacher (ECE 0.1000)" in [t.get_text() for t in top.get_legend().texts]
+
+
+def test_the_score_latency_chart_draws_every_measured_point_and_joins_the_front(drawn):
+    score_latency_png(POINTS, "accuracy", 1)
+    ax = drawn[0].axes[0]
+    plotted = {tuple(np.round(c.get_offsets()[0], 6)) for c in ax.collections if len(c.get_offsets())}
+    assert plotted == {(p["latency_ms"], p["score"]) for p in POINTS if p["latency_ms"]}  # G (no latency) left out
+    step = next(line for line in ax.lines if line.get_label() == "Pareto front")
+    front = sorted(zip(step.get_xdata(), step.get_ydata(), strict=True))
+    assert front[0] == (5.0, 0.70) and front[-1] == (20.0, 0.85) and (10.0, 0.80) in front
+    assert (12.0, 0.75) not in front and (30.0, 0.85) not in front  # dominated by A and by C
