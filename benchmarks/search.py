@@ -5,24 +5,24 @@ which 10% (400 rows) are carved off as the validation split every search scores 
 every final run selects its best epoch on (held out from training); the full dev set (872 rows) is
 reported. The teacher is fine-tuned once (``runs/bench-search/teacher``) and shared.
 
-Budget (chosen to fit 2 CPU cores, cut from 20 to 12 trials per method after the first trials took
-2-3 minutes each on the shared machine): per method 12 trials (AutoKD: 3 random start-up trials, then
-TPE), each candidate
-distilled 2 epochs on a fixed 1,000-row proxy subset of the 3,600 training rows (the config's 0.5 CE +
-0.5 Hinton KD, T 4, plus KD-NAS's hidden-state term; AutoKD searches T and the KD weight too: every
-method searches the same space; AutoKD's successive halving may stop a candidate after its first
-epoch; kdforge.search.space defaults: 1-4 layers, hidden 128-384, head size
-32/64, FFN 384-1536, T in {1, 2, 4, 8}, KD weight in {0.25, 0.5, 0.75}), latency at batch 32 and
-64 tokens interleaved with the teacher (10 rounds), reward = accuracy x (latency / target)^-0.07,
-target = the teacher's latency / 3. The best candidate of each method (``search.final_top``: 1) is
-then distilled like the demo's student (3 epochs on the 3,600 rows, AutoKD's T and weight where it
-chose them) and compared with the hand-picked student (teacher layers [0, 5]); all final students
-are timed again together, interleaved in one process (batch 1 and 32, 30 rounds).
+Budget (issue 21: enough trials for a learning controller to differ from random search): per method 60
+trials (AutoKD: 10 random start-up trials, then TPE; KD-NAS: 5 random warm-up episodes, then its reward
+predictor picks the predicted best of 100 unseen candidates, 10% exploration), each candidate distilled
+up to 4 epochs on a fixed 250-row proxy subset of the 3,600 training rows (the config's 0.5 CE + 0.5
+Hinton KD, T 4, plus KD-NAS's hidden-state term, the teacher's outputs and hidden states cached; AutoKD's
+successive halving scores candidates after 1, 2 and 4 epochs and keeps the better half at each rung);
+every method searches the architecture only (KD-NAS v1's space: kdforge.search.space defaults, 1-4
+layers, hidden 128-384, head size 32/64, FFN 384-1536), latency at batch 32 and 64 tokens interleaved
+with the teacher (10 rounds), reward = accuracy x (latency / target)^-0.07, target = the teacher's
+latency / 3. The best candidate of each method (``search.final_top``: 1) is then distilled like the
+demo's student (3 epochs on the 3,600 rows, with the terms its proxy ranked it with) and compared with
+the hand-picked student (teacher layers [0, 5]); all final students are timed again together,
+interleaved in one process (batch 1 and 32, 30 rounds).
 
 Also measured: slicing the teacher's weights vs a fresh initialisation for narrower candidates (the
 same proxy distillation, two architectures).
 
-    .venv/bin/python benchmarks/search.py                # resumable method by method (~45 min, 2 idle cores)
+    .venv/bin/python benchmarks/search.py                # resumable trial by trial (several hours on 2 cores)
     .venv/bin/python benchmarks/search.py --report-only  # the table from the finished parts
 """
 
@@ -57,8 +57,8 @@ from kdforge.tasks.base import build_task
 RESULTS = Path(__file__).parent / "results"
 OUT = Path("runs/bench-search")
 METHODS = ("kdnas", "autokd", "random")
-SEARCH = {"trials": 12, "proxy_rows": 1000, "proxy_epochs": 4, "latency_batch_size": 32, "latency_repeats": 10,
-          "final_top": 1, "seed": 0}
+SEARCH = {"trials": 60, "proxy_rows": 250, "proxy_epochs": 4, "latency_batch_size": 32, "latency_repeats": 10,
+          "final_top": 1, "seed": 0, "space": {"temperature": [], "kd_weight": []}}
 EVAL = {"latency_batch_sizes": [1, 32], "latency_seq_len": 64, "latency_repeats": 20, "latency_warmup": 3,
         "threads": 2}
 INIT_ARCHS = {"L2 H256 d32 F768": {"layers": 2, "hidden_size": 256, "head_dim": 32, "intermediate_size": 768},
