@@ -423,6 +423,10 @@ class JobConfig(Strict):
                              "in teachers/assistants)")
         roles = set(self.roles())
         for i, stage in enumerate(self.all_stages()):
+            twice = sorted({r for r in stage.teachers or [] if (stage.teachers or []).count(r) > 1})
+            if twice:
+                raise ValueError(f"stages.{i}.teachers lists {twice[0]!r} twice: each role teaches once (two teachers "
+                                 "are two roles, e.g. two entries under `teachers:`)")
             if stage.learner not in {STUDENT, *self.assistants}:
                 raise ValueError(f"stages.{i}.learner: {stage.learner!r} is not `student` or an assistant "
                                  f"({', '.join(self.assistants) or 'none defined under `assistants`'})")

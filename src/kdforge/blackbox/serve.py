@@ -99,9 +99,15 @@ def _handler(predict_fn: PredictFn, num_classes: int) -> type[BaseHTTPRequestHan
     return Handler
 
 
+def check_port(port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise KDForgeError(f"--port {port}: a TCP port is 0 to 65535 (0: any free one)")
+
+
 def make_server(predict_fn: PredictFn, num_classes: int, host: str = "127.0.0.1",
                 port: int = 0) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) answering the protocol with ``predict_fn``; port 0 picks a free port."""
+    check_port(port)
     try:
         server = ThreadingHTTPServer((host, port), _handler(predict_fn, num_classes))
     except OSError as err:
@@ -245,6 +251,7 @@ def run_predictor(run_dir: str | Path, role: str = "student") -> tuple[Callable[
 
 def serve_run(run_dir: str | Path, role: str = "student", host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve the model ``role`` of a finished run until interrupted (Ctrl+C)."""
+    check_port(port)  # before the model is loaded
     predict_fn, num_classes = run_predictor(run_dir, role)
     server = make_server(predict_fn, num_classes, host, port)
     log.info("serving the %s of %s (%d classes) at %s; Ctrl+C stops", role, run_dir, num_classes,

@@ -24,6 +24,7 @@ from kdforge.evaluation.model_report import finite_number, fmt
 from kdforge.evaluation.plots import score_latency_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_text, read_json
+from kdforge.paths import check_writable_folder
 from kdforge.run_folder import RunFolder
 
 ABSENT = "(absent)"
@@ -223,12 +224,19 @@ def compare_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise KDForgeError("compare needs at least one run folder; pass the output_dir of finished runs")
+    check_writable_folder(out, "--out")
     loaded = [load_run(d) for d in run_dirs]
     runs, configs = [m for m, _ in loaded], [c for _, c in loaded]
     tasks = dict.fromkeys(m["task"] for m in runs)
     if len(tasks) > 1:
         which = ", ".join(f"{d} ({m['task']})" for d, m in zip(run_dirs, runs, strict=True))
         raise KDForgeError(f"runs of different tasks cannot be compared: {which}; pass runs of one task")
+    spaces = [tuple((m["student"].get("per_class") or {}).get("labels") or ()) for m in runs]
+    if len(set(spaces)) > 1:
+        which = "; ".join(f"{d}: {', '.join(map(str, labels)) or 'no classes'}"
+                          for d, labels in zip(run_dirs, spaces, strict=True))
+        raise KDForgeError(f"runs of {runs[0]['task']} with different label spaces cannot be compared ({which}); "
+                           "pass runs whose data has the same labels")
     labels = run_labels(run_dirs)
     task = next(iter(tasks))
     metric = runs[0]["student"].get("main_metric") or runs[0]["teacher"].get("main_metric") or ""

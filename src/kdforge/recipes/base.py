@@ -159,6 +159,11 @@ class Strategy:
     def __init__(self, params: BaseModel):
         self.params = params
 
+    def reads_teacher_internals(self) -> str | None:
+        """What the strategy itself reads inside its teachers beyond their logits (a black box cannot give
+        it), e.g. "their features"; None when logits suffice."""
+        return None
+
     @classmethod
     def from_config(cls, stage: StageConfig, index: int) -> Strategy:
         try:

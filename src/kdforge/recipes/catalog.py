@@ -59,6 +59,23 @@ def check_stages(config: JobConfig) -> None:
         strategy = strategy_for(stage, index)
         strategy.check_stage(config, stage, index)
         check_black_box_roles(config, stage, strategy)
+        check_taught_before_teaching(config, stages, index, strategy)
+
+
+def check_taught_before_teaching(config: JobConfig, stages: list[StageConfig], index: int, strategy: Strategy) -> None:
+    """An assistant teaches stage ``index`` only after the stage that trains it (unless this stage's
+    strategy trains it with the learner, online): learning from it earlier would learn from an untrained net."""
+    stage = stages[index]
+    if strategy.trains_teachers:
+        return
+    bound = [o.teacher for o in stage.objectives if o.teacher]
+    for role in dict.fromkeys([*config.stage_teachers(stage), *bound]):
+        later = next((j for j, s in enumerate(stages) if s.learner == role and j > index), None)
+        if role in config.assistants and later is not None and not any(
+                s.learner == role for s in stages[:index]):
+            raise KDForgeError(f"stage {stage.name!r} (stages.{index}) learns from assistant {role!r}, which stage "
+                               f"{stages[later].name!r} (stages.{later}) trains only afterwards; order the stages so "
+                               "that a role is taught before it teaches")
 
 
 def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strategy) -> None:
@@ -71,6 +88,11 @@ def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strat
     if strategy.trains_teachers:
         raise KDForgeError(f"stage {stage.name!r}: strategy {stage.strategy.name} trains its teachers, but "
                            f"{black[0]!r} is a black box; use an offline strategy with it")
+    inside = strategy.reads_teacher_internals()
+    if inside:
+        raise KDForgeError(f"stage {stage.name!r}: strategy {stage.strategy.name} reads {inside} of each teacher, but "
+                           f"{black[0]!r} is a black box (class probabilities only); use it with a strategy that "
+                           "reads only logits, e.g. offline or multi_teacher with weighting: average")
     for i, term in enumerate(stage.objectives):
         objective = build_objective(term, i)
         needs = {*objective.requires, *(["features"] if getattr(objective.params, "teacher_paths", None) else [])}

@@ -78,6 +78,10 @@ class MultiTeacher(Strategy):
     Params = MultiTeacherParams
     teacher_count = (2, None)
 
+    def reads_teacher_internals(self) -> str | None:
+        return "the features before their classifier (CA-MKD's intermediate term)" \
+            if self.params.weighting == "camkd" else None
+
     def average_terms(self, roles: list[str]) -> list[ObjectiveConfig]:
         p = self.params
         return [ObjectiveConfig(name="hinton_kd", weight=p.kd_weight / len(roles), temperature=p.temperature,

@@ -278,6 +278,9 @@ class SOKD(Strategy):
 
     Params = SOKDParams
     teacher_count = (1, 1)
+
+    def reads_teacher_internals(self) -> str | None:
+        return "the output of its last stage but one, the knowledge bridge's input"
     needs = frozenset({"gold_labels"})
 
     def check(self, config: JobConfig, stage: StageConfig) -> None:

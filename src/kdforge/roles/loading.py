@@ -81,7 +81,12 @@ def load_run_model(config: JobConfig, run: RunFolder, task: Task, role: str,
     if teachers[role].black_box is not None:
         return load_teacher(config, task, role=role, black_boxes=black_boxes, tokenizer=tokenizer)
     folder = run.teacher(role).model
-    return load_model(str(folder) if folder.is_dir() else teachers[role].model, task)
+    if folder.is_dir():
+        return load_model(str(folder), task)
+    if teachers[role].finetune is not None:  # never the base model in place of the run's fine-tuned teacher
+        raise KDForgeError(f"the run fine-tuned its teacher {role!r} into {folder}, which is gone; restore that folder "
+                           f"or fine-tune it again with `kdforge finetune {run.config_file}`")
+    return load_model(teachers[role].model, task)
 
 
 def load_run_models(config: JobConfig, run: RunFolder, task: Task,

@@ -34,8 +34,9 @@ from kdforge.run_folder import RunFolder
 from kdforge.search.proxy import ProxyTask
 from kdforge.search.report import trial_records, write_search_report
 from kdforge.search.space import LOSS_DIMS, SearchSpace
-from kdforge.search.study import FINISHED, finished_count, make_storage, open_study, storage_url
-from kdforge.search.trial import SearchContext, run_trial
+from kdforge.search.storage import require_study
+from kdforge.search.study import FINISHED, finished_count, make_storage, open_study, storage_url, study_name
+from kdforge.search.trial import SearchContext, check_space, run_trial
 from kdforge.search.workers import run_with_local_workers, worker_threads
 from kdforge.tasks.base import build_task
 
@@ -168,7 +169,12 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
     if not join:
         atomic_write_text(config_path, dump_config(config))
     space = SearchSpace.from_dict(search_space_settings(config), space_kind(config))
+    if not space.dimensions():
+        raise KDForgeError("search.space: every dimension is [] (nothing to search); list the choices of at least "
+                           "one, e.g. search.space.layers: [1, 2, 3]")
     storage = make_storage(config)  # a bad space, URL or an unreachable database: refused before any training
+    if join:
+        require_study(storage, study_name(config), storage_url(config), "search")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(workers)))
     task = build_task(config.task)
     if config.search.objective == "reward" and not task.greater_is_better:
@@ -181,6 +187,7 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
              config.search.objective, finished_count(study), config.search.trials, storage_url(config))
     ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),
                         teachers, space, folder)
+    check_space(ctx)  # a candidate the teacher cannot give, or a bad candidate term: one line, before any trial
     run_with_local_workers("search", config_path, workers, lambda: run_worker(ctx, study))
     if join:
         return None

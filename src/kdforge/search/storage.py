@@ -37,3 +37,12 @@ def open_storage(url: str, heartbeat_s: int, key: str, what: str, retry_stale: b
             time.sleep(0.5 * (attempt + 1))
     raise KDForgeError(f"cannot open the {what} storage {url}: {problem}; check {key} (the database must exist and "
                        "accept connections)")
+
+
+def require_study(storage: RDBStorage, name: str, url: str, command: str) -> None:
+    """``--join`` adds a worker to a study that exists: one line naming what to do when it does not (never a
+    new study of its own, which would spend the trials elsewhere)."""
+    if name not in {s.study_name for s in storage.get_all_studies()}:
+        raise KDForgeError(f"--join: there is no {command} named {name!r} in {url} to join; start it first with "
+                           f"`kdforge {command} CONFIG` (without --join), or point this worker at the storage and "
+                           f"name it uses")

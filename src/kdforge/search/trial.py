@@ -16,6 +16,7 @@ pruner stops weak candidates early (the proxy epochs are the fidelity).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ import optuna
 
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, ObjectiveConfig, apply_overrides, validate_config
 from kdforge.engine.trainer import seed_everything
+from kdforge.errors import KDForgeError
 from kdforge.evaluation.evaluate import Form, pytorch_form
 from kdforge.evaluation.latency import interleaved_latency
 from kdforge.evaluation.size import count_parameters
@@ -82,6 +84,21 @@ def teacher_layer_count(teacher: LoadedModel) -> int | None:
 def candidate_overrides(ctx: SearchContext, params: dict[str, Any]) -> dict[str, Any]:
     """The config overrides that make the job's student (and KD terms) this candidate."""
     return ctx.space.overrides(params, getattr(ctx.teacher.model, "config", None), teacher_layer_count(ctx.teacher))
+
+
+def check_space(ctx: SearchContext) -> None:
+    """Before the first trial: every candidate of the space can be built from the teacher (its layer count,
+    widths and heads), and every candidate term exists with valid parameters; one line otherwise."""
+    from kdforge.objectives.base import objective_params
+
+    for i, term in enumerate(candidate_terms(ctx)):
+        try:
+            objective_params(term, i)
+        except KDForgeError as err:  # named by its own key, not the job's objectives
+            raise KDForgeError(str(err).replace("objectives.", "search.candidate_objectives.")) from None
+    dims = ctx.space.dimensions()
+    for values in itertools.islice(itertools.product(*dims.values()), 20_000):
+        candidate_overrides(ctx, dict(zip(dims, values, strict=True)))
 
 
 def trial_config(ctx: SearchContext, params: dict[str, Any], work_dir: Path) -> JobConfig:

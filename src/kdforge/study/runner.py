@@ -35,7 +35,7 @@ from kdforge.config import validate_config
 from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_text
 from kdforge.run_folder import RunFolder
-from kdforge.search.storage import open_storage
+from kdforge.search.storage import open_storage, require_study
 from kdforge.search.workers import run_with_local_workers
 from kdforge.study.config import StudyConfig, load_study
 from kdforge.study.grid import RunSpec, expand
@@ -58,9 +58,11 @@ def storage_url(study: StudyConfig) -> str:
     return study.storage or f"sqlite:///{Path(study.output_dir).resolve() / 'study.db'}"
 
 
-def open_study(study: StudyConfig) -> optuna.Study:
+def open_study(study: StudyConfig, join: bool = False) -> optuna.Study:
     storage = open_storage(storage_url(study), study.heartbeat_s, "storage", "study", retry_stale=False)
     name = study.study_name or Path(study.output_dir).name
+    if join:
+        require_study(storage, name, storage_url(study), "study")
     return optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                sampler=optuna.samplers.RandomSampler(), direction="maximize")
 
@@ -220,7 +222,7 @@ def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join:
     if not join:
         atomic_write_text(config_path, yaml.safe_dump({**study_cfg.model_dump(mode="json"), "base": base},
                                                       sort_keys=False))
-    study = open_study(study_cfg)  # a bad URL or an unreachable database: refused before any training
+    study = open_study(study_cfg, join)  # a bad URL or an unreachable database: refused before any training
     if not report_only:
         from kdforge.preflight import check_job
         from kdforge.recipes.catalog import check_stages
