@@ -109,6 +109,8 @@ def inputs_of(batch: dict) -> dict:
 
 def plain_round(task, student, teacher, case: dict, steps: int, seed: int, cache=None) -> list[float]:
     model = student.model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
     scheduler = linear_warmup_decay(optimizer, 0, steps)
@@ -138,7 +140,9 @@ def plain_round(task, student, teacher, case: dict, steps: int, seed: int, cache
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    model.to(memory_format=torch.contiguous_format)
+    for m in (model, teacher.model if teacher is not None else None):
+        if m is not None:
+            m.to(memory_format=torch.contiguous_format)
     return times[1:-1]
 
 

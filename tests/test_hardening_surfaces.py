@@ -179,3 +179,11 @@ def test_eval_never_substitutes_the_base_model_for_a_missing_fine_tuned_teacher(
     shutil.rmtree(copy_of_run / "teacher" / "model")
     err = one_line_error(capsys, ["eval", str(copy_of_run)])
     assert "fine-tuned its teacher 'teacher'" in err and "which is gone" in err and "kdforge finetune" in err
+
+
+def test_version(capsys):
+    import kdforge
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdforge {kdforge.__version__}"

@@ -49,7 +49,10 @@ def demo_config_path() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from kdforge import __version__
+
     p = argparse.ArgumentParser(prog="kdforge", description="Knowledge distillation that proves what was kept.")
+    p.add_argument("--version", action="version", version=f"kdforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str, target: str | None) -> argparse.ArgumentParser:
