@@ -16,7 +16,7 @@ def digits_loaders():
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(y), generator=g)
     train, test = order[:1400], order[1400:]
-    return (DataLoader(TensorDataset(x[train], y[train]), batch_size=64),
+    return (DataLoader(TensorDataset(x[train], y[train]), batch_size=64, shuffle=True),
             DataLoader(TensorDataset(x[test], y[test]), batch_size=128))
 
 
@@ -43,3 +43,47 @@ def test_distiller_with_plain_modules(tmp_path, digits_loaders):
     assert distiller.predict(test).shape == (len(test.dataset), 10)
     assert all(not p.requires_grad for p in distiller.module.frozen.parameters())
     assert not any(p is q for p in distiller.module.frozen.parameters() for q in distiller.student.parameters())
+
+
+def rows(n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.rand(n, 64, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def seen_by_fit(tmp_path, loader, **settings):
+    """The examples of every step of one epoch of ``fit`` (recorded by a wrapping collate)."""
+    seen: list[list[int]] = []
+    dataset = loader.dataset
+
+    def collate(examples):
+        seen.append([int((dataset.tensors[0] == e[0]).all(1).nonzero()[0]) for e in examples])
+        return torch.utils.data.default_collate(examples)
+
+    loader = DataLoader(dataset, batch_size=loader.batch_size, sampler=loader.sampler if settings.get("sampler") else
+                        None, shuffle=settings.get("shuffle", False), drop_last=settings.get("drop_last", False),
+                        collate_fn=collate)
+    state = kdforge.Distiller(None, mlp(8), objectives=["ce"], output_dir=tmp_path).fit(
+        loader, epochs=1, lr=1e-3, device="cpu", select_best=False)
+    return seen, state
+
+
+def test_fit_honours_the_loaders_batch_size_order_and_drop_last(tmp_path):
+    seen, state = seen_by_fit(tmp_path / "a", DataLoader(rows(20), batch_size=8), shuffle=False, drop_last=True)
+    assert state.step == 2 and seen == [list(range(8)), list(range(8, 16))]  # in order, the 4-row tail dropped
+    seen, state = seen_by_fit(tmp_path / "b", DataLoader(rows(20), batch_size=8), shuffle=True)
+    assert state.step == 3 and sorted(sum(seen, [])) == list(range(20)) and sum(seen, []) != list(range(20))
+
+
+def test_fit_trains_on_a_subset_samplers_rows_only(tmp_path):
+    sampler = torch.utils.data.SubsetRandomSampler([3, 5, 7, 11, 13, 17])
+    loader = DataLoader(rows(40), batch_size=4, sampler=sampler)
+    seen, state = seen_by_fit(tmp_path, loader, sampler=True)
+    assert state.step == 2 and sorted(sum(seen, [])) == [3, 5, 7, 11, 13, 17]
+
+
+def test_fit_refuses_a_sampler_it_cannot_reproduce(tmp_path):
+    weighted = DataLoader(rows(20), batch_size=4, sampler=torch.utils.data.WeightedRandomSampler([1.0] * 20, 20))
+    batched = DataLoader(rows(20), batch_sampler=torch.utils.data.BatchSampler(range(20), 5, False))
+    for loader, what in ((weighted, "sampler (WeightedRandomSampler)"), (batched, "custom batch_sampler")):
+        with pytest.raises(kdforge.KDForgeError, match=what.replace("(", r"\(").replace(")", r"\)")):
+            kdforge.Distiller(None, mlp(8), objectives=["ce"], output_dir=tmp_path).fit(loader, epochs=1, device="cpu")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdforge import jobs
 from kdforge.config import (
@@ -162,6 +162,29 @@ def _api_config(stage: StageConfig, train: TrainConfig | None = None) -> JobConf
         raise KDForgeError(format_validation_error(err, "Distiller")) from None
 
 
+def loader_batching(loader: DataLoader) -> tuple[Dataset, dict[str, Any]]:
+    """The rows a DataLoader trains on and the ``train`` settings that draw its batches (batch_size, shuffle,
+    drop_last); one line for a sampler kdforge cannot reproduce."""
+    from torch.utils.data import RandomSampler, SequentialSampler, SubsetRandomSampler
+
+    if loader.batch_size is None:
+        raise KDForgeError(f"Distiller.fit: the train_loader has a custom batch_sampler "
+                           f"({type(loader.batch_sampler).__name__}), which kdforge cannot reproduce on resume; give "
+                           "the DataLoader a batch_size (and shuffle) instead")
+    sampler, dataset, shuffle = loader.sampler, loader.dataset, None
+    if isinstance(sampler, SubsetRandomSampler):
+        dataset, shuffle = Subset(loader.dataset, list(sampler.indices)), True
+    elif isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset):
+        shuffle = True
+    elif isinstance(sampler, SequentialSampler):
+        shuffle = False
+    if shuffle is None:
+        raise KDForgeError(f"Distiller.fit: the train_loader's sampler ({type(sampler).__name__}) is not one kdforge "
+                           "can reproduce (shuffle, no shuffle, SubsetRandomSampler); for class imbalance weight the "
+                           "loss or resample the rows into the dataset")
+    return dataset, {"batch_size": loader.batch_size, "shuffle": shuffle, "drop_last": loader.drop_last}
+
+
 class Distiller:
     """Distill ``teacher`` into ``student`` (any ``nn.Module`` or HF model) with your DataLoaders.
 
@@ -236,8 +259,14 @@ class Distiller:
 
     def fit(self, train_loader: DataLoader, eval_loader: DataLoader | None = None, resume: bool = False,
             callbacks=(), **train_settings: Any) -> TrainState:
-        """Train; ``train_settings`` are :class:`kdforge.config.TrainConfig` fields (epochs, lr...)."""
-        config = TrainConfig(batch_size=train_loader.batch_size or 1, **train_settings)
+        """Train; ``train_settings`` are :class:`kdforge.config.TrainConfig` fields (epochs, lr...).
+
+        The loader's ``batch_size``, ``shuffle`` (a ``RandomSampler``) and ``drop_last`` are honoured, and a
+        ``SubsetRandomSampler`` trains on its rows only; kdforge draws the batches itself (seeded per epoch,
+        so ``resume`` continues exactly). A sampler it cannot reproduce (``WeightedRandomSampler``, a custom
+        ``batch_sampler``...) is refused in one line rather than replaced."""
+        dataset, batching = loader_batching(train_loader)
+        config = TrainConfig(**{**batching, **train_settings})
         accelerator = make_accelerator(config)
         if self.module is None:
             self.module = self._build(train_loader, eval_loader, config, accelerator.device)
@@ -245,6 +274,8 @@ class Distiller:
         built_for, train_data, collate = self._data
         if train_loader.dataset is not built_for:
             train_data, collate = train_loader.dataset, _AsBatch(train_loader.collate_fn)
+        if dataset is not train_loader.dataset:  # a SubsetRandomSampler's rows
+            train_data = Subset(train_data, dataset.indices)
         seed_everything(config.seed)
         evaluate = None
         if eval_loader is not None:

@@ -205,6 +205,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: PositiveInt = 1
+    shuffle: bool = Field(True, description="draw each epoch's batches in a new order (seeded by train.seed and the "
+                          "epoch, so a resumed run draws the same); false: the data's order")
+    drop_last: bool = Field(False, description="drop each epoch's last batch when it is smaller than batch_size")
     max_grad_norm: PositiveFloat | None = 1.0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 42

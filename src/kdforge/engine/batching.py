@@ -14,8 +14,8 @@ import torch
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                  shuffle: bool = True) -> list[list[int]]:
-    """Index batches of this rank for one epoch (last batch may be smaller)."""
+                  shuffle: bool = True, drop_last: bool = False) -> list[list[int]]:
+    """Index batches of this rank for one epoch (the last may be smaller, or dropped with ``drop_last``)."""
     if shuffle:
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(n, generator=generator).tolist()
@@ -24,8 +24,10 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     total = math.ceil(n / world) * world
     order = (order * math.ceil(total / max(1, n)))[:total] if n else []
     mine = order[rank::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return [b for b in batches if len(b) == batch_size] if drop_last else batches
 
 
-def batches_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    return math.ceil(math.ceil(n / world) / batch_size)
+def batches_per_epoch(n: int, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+    rows = math.ceil(n / world)
+    return rows // batch_size if drop_last else math.ceil(rows / batch_size)

@@ -161,7 +161,10 @@ class Trainer:
         self.world, self.rank = acc.num_processes, acc.process_index
         if len(train_data) == 0:
             raise KDForgeError("the training split is empty; check `task.data_dir` and `task.train_limit`")
-        n_batches = batches_per_epoch(len(train_data), config.batch_size, self.world)
+        n_batches = batches_per_epoch(len(train_data), config.batch_size, self.world, config.drop_last)
+        if n_batches == 0:
+            raise KDForgeError(f"train.drop_last: the training split has {len(train_data)} rows, fewer than one batch "
+                               f"of {config.batch_size}; lower the batch size or keep the last batch")
         self.steps_per_epoch = math.ceil(n_batches / config.grad_accum)
         self.total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps:
@@ -365,7 +368,8 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         cfg, s = self.config, self.state
-        batches = epoch_batches(len(self.train_data), cfg.batch_size, cfg.seed, s.epoch, self.rank, self.world)
+        batches = epoch_batches(len(self.train_data), cfg.batch_size, cfg.seed, s.epoch, self.rank, self.world,
+                                cfg.shuffle, cfg.drop_last)
         # an own generator: creating a DataLoader iterator must not draw from the global RNG, whose
         # state (dropout) is checkpointed and restored on resume
         return DataLoader(self.train_data, batch_sampler=batches[s.batches_done:], collate_fn=self.collate_fn,
@@ -373,7 +377,7 @@ class Trainer:
 
     def _run_epoch(self, bar: tqdm, interactive: bool) -> None:
         cfg, acc, s = self.config, self.accelerator, self.state
-        n_batches = batches_per_epoch(len(self.train_data), cfg.batch_size, self.world)
+        n_batches = batches_per_epoch(len(self.train_data), cfg.batch_size, self.world, cfg.drop_last)
         for batch in self._loader():
             batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             progress = self.progress()  # where training is when this batch starts (its epoch's number)

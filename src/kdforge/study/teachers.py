@@ -28,9 +28,14 @@ UNSHAPING = ("seed", "log_every", "trackers", "checkpoint_every", "keep_checkpoi
              "epochs", "lr", "batch_size")
 
 
+# train settings added after shared teachers existed: left out at their defaults, so those stay found
+LATE_DEFAULTS = {"shuffle": True, "drop_last": False}
+
+
 def shared_key(config: JobConfig, task, role: str) -> str:
     """The shared folder's name: the teacher's fingerprint and the train settings that shape it."""
     train = config.train.model_dump(mode="json", exclude=set(UNSHAPING))
+    train = {k: v for k, v in train.items() if k not in LATE_DEFAULTS or v != LATE_DEFAULTS[k]}
     extra = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()[:8]
     return f"{teacher_fingerprint(config, task, role)}-{extra}"
 
