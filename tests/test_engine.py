@@ -1,5 +1,7 @@
 """The training engine on tiny models: learning, teacher mode, cache exactness, resume, batching."""
 
+import copy
+
 import pytest
 import torch
 
@@ -178,3 +180,52 @@ def test_convolutions_train_channels_last_and_are_returned_in_the_usual_layout(t
     assert layouts and all(layouts)  # trained channels_last
     assert all(p.is_contiguous() for p in net.parameters())  # saved / exported as usual
     assert state.history[-1]["loss"] < state.history[0]["loss"]
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ("linear", [1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3, 0.0]),
+    ("cosine", [1 / 3, 2 / 3, 1.0, 0.75, 0.25, 0.0]),  # 0.5 (1 - cos(pi * left)), left = 1, 2/3, 1/3, 0
+    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_the_lr_schedules_by_hand(shape, expected):
+    from kdforge.engine.trainer import linear_warmup_decay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = linear_warmup_decay(opt, warmup=2, total=5, shape=shape)
+    factors = []
+    for _ in range(6):
+        factors.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert factors == pytest.approx(expected)
+
+
+def test_a_constant_lr_run_is_the_plain_pytorch_loop_on_the_same_batches(tmp_path):
+    """kdforge adds nothing to the optimisation: with a constant lr, no warm-up, no clipping and no weight
+    decay, its weights after 2 epochs are those of a plain loop over the same batches in the same order."""
+    data = Rows(40)
+    torch.manual_seed(0)
+    student = tiny_bert(100, layers=1, seed=1)
+    for m in student.modules():  # no dropout: the two loops draw no random masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_prob"):
+            m.dropout_prob = 0.0
+    plain = copy.deepcopy(student)
+    module = offline_step(ModelAdapter(student), WeightedLoss.from_config([ObjectiveConfig(name="ce")]))
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="sgd", momentum=0.9, warmup_ratio=0.0,
+                         scheduler="constant", max_grad_norm=None, weight_decay=0.0, shuffle=False, device="cpu",
+                         select_best=False, trackers=[])
+    Trainer(module, data, collate, config, tmp_path).fit()
+
+    plain.train()
+    opt = torch.optim.SGD(plain.parameters(), lr=1e-2, momentum=0.9)
+    for _ in range(2):
+        for start in range(0, 40, 8):
+            batch = collate([data[i] for i in range(start, start + 8)])
+            loss = torch.nn.functional.cross_entropy(plain(input_ids=batch["input_ids"]).logits, batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for (name, a), b in zip(student.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name

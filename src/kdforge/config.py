@@ -203,7 +203,9 @@ class TrainConfig(Strict):
         "CRD, DKD train with SGD, momentum 0.9, weight decay 5e-4)")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: the momentum of its steps")
     weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps with a linear warm-up of the lr")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="the lr after the warm-up: linear decay to 0, cosine decay to 0, or constant")
     grad_accum: PositiveInt = 1
     shuffle: bool = Field(True, description="draw each epoch's batches in a new order (seeded by train.seed and the "
                           "epoch, so a resumed run draws the same); false: the data's order")

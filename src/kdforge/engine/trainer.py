@@ -123,11 +123,16 @@ def make_optimizer(groups: list[dict], config: TrainConfig) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int, shape: str = "linear"):
+    """The learning-rate factor: a linear warm-up over ``warmup`` steps, then ``shape``: linear decay to 0 at
+    ``total``, half a cosine down to 0 (cosine), or 1 throughout (constant)."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
+        if shape == "constant":
+            return 1.0
+        left = max(0.0, (total - step) / max(1, total - warmup))  # 1 -> 0 after the warm-up
+        return 0.5 * (1 - math.cos(math.pi * left)) if shape == "cosine" else left
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -172,7 +177,7 @@ class Trainer:
         optimizer = make_optimizer(param_groups(step, config.weight_decay, config.lr_by_role, step.parts()), config)
         step.to(memory_format=torch.channels_last)  # convolutions: 1.2-1.3x faster on CPU; no-op for 2-D weights
         self.scheduler = linear_warmup_decay(optimizer, int(config.warmup_ratio * self.total_steps),
-                                             self.total_steps)
+                                             self.total_steps, config.scheduler)
         self.model, self.optimizer = acc.prepare(step, optimizer)
         self.unwrapped: TrainStep = acc.unwrap_model(self.model)
 

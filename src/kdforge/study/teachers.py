@@ -29,7 +29,7 @@ UNSHAPING = ("seed", "log_every", "trackers", "checkpoint_every", "keep_checkpoi
 
 
 # train settings added after shared teachers existed: left out at their defaults, so those stay found
-LATE_DEFAULTS = {"shuffle": True, "drop_last": False}
+LATE_DEFAULTS = {"shuffle": True, "drop_last": False, "scheduler": "linear"}
 
 
 def shared_key(config: JobConfig, task, role: str) -> str:
