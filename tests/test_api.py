@@ -87,3 +87,28 @@ def test_fit_refuses_a_sampler_it_cannot_reproduce(tmp_path):
     for loader, what in ((weighted, "sampler (WeightedRandomSampler)"), (batched, "custom batch_sampler")):
         with pytest.raises(kdforge.KDForgeError, match=what.replace("(", r"\(").replace(")", r"\)")):
             kdforge.Distiller(None, mlp(8), objectives=["ce"], output_dir=tmp_path).fit(loader, epochs=1, device="cpu")
+
+
+SCRIPT = """
+import torch, kdforge
+from torch.utils.data import DataLoader, TensorDataset
+g = torch.Generator().manual_seed(0)
+data = TensorDataset(torch.rand(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g))
+net = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+kdforge.Distiller(None, net, objectives=["ce"], output_dir=OUT).fit(
+    DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8), epochs=2, device="cpu")
+"""
+
+
+def test_fit_in_a_plain_script_prints_each_epoch_and_the_kept_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = SCRIPT.replace("OUT", repr(str(tmp_path / "run")))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("[kdforge]")]
+    assert any("distill epoch 1/2" in line and "accuracy" in line for line in lines)
+    assert any("distill epoch 2/2" in line for line in lines) and any("kept epoch" in line for line in lines)

@@ -41,6 +41,7 @@ from kdforge.config import (
     load_config,
     validate_config,
 )
+from kdforge.console import default_logging
 from kdforge.engine.predict import predict
 from kdforge.engine.step import TrainStep
 from kdforge.engine.trainer import Trainer, TrainState, check_parts, make_accelerator, seed_everything
@@ -68,11 +69,13 @@ def distill(config: str | Path | dict | JobConfig, overrides: dict | list[str] |
     teachers by name, for ``teacher: {black_box: {callable: NAME}}``: each ``fn(inputs) -> probabilities``
     takes a list of protocol inputs (``{"text": ..., "text_pair": ...}`` or ``{"image": {...}}``, see
     :mod:`kdforge.blackbox.protocol`) and returns one row of class probabilities per input."""
+    default_logging()
     return jobs.run_distill(_config(config, overrides), resume=resume, overwrite=overwrite, black_boxes=black_boxes)
 
 
 def finetune(config: str | Path | dict | JobConfig, overrides=None, resume: bool = False):
     """Fine-tune the config's teacher on its task (written to ``output_dir/teacher/model``)."""
+    default_logging()
     return jobs.run_finetune(_config(config, overrides), resume=resume)
 
 
@@ -83,6 +86,7 @@ def search(config: str | Path | dict | JobConfig, overrides: dict | list[str] | 
     ``join``)."""
     from kdforge.search.run import run_search
 
+    default_logging()
     return run_search(_config(config, overrides), workers, join)
 
 
@@ -92,12 +96,14 @@ def study(config: str | Path | dict, overrides: dict | list[str] | None = None, 
     and write its report; returns a :class:`kdforge.study.runner.StudyResult` (None when ``join``)."""
     from kdforge.study.runner import run_study
 
+    default_logging()
     return run_study(config, overrides, workers, join, report_only)
 
 
 def evaluate(run_dir_or_config: str | Path, overrides=None,
              black_boxes: Mapping[str, Callable[[list[dict]], Any]] | None = None) -> jobs.RunResult:
     """Evaluate the teacher and exported student of a finished run (``black_boxes`` as for :func:`distill`)."""
+    default_logging()
     return jobs.run_eval(run_dir_or_config, overrides, black_boxes=black_boxes)
 
 
@@ -265,6 +271,7 @@ class Distiller:
         ``SubsetRandomSampler`` trains on its rows only; kdforge draws the batches itself (seeded per epoch,
         so ``resume`` continues exactly). A sampler it cannot reproduce (``WeightedRandomSampler``, a custom
         ``batch_sampler``...) is refused in one line rather than replaced."""
+        default_logging()  # each epoch's metrics and the kept epoch, also outside a terminal
         dataset, batching = loader_batching(train_loader)
         config = TrainConfig(**{**batching, **train_settings})
         accelerator = make_accelerator(config)

@@ -11,37 +11,12 @@ import logging
 import sys
 from importlib import resources
 
+from kdforge.console import setup_logging
 from kdforge.errors import KDForgeError
-from kdforge.processes import MainProcessOnly
 
 log = logging.getLogger("kdforge")
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a record is emitted (not the stream of
-    the moment it was made, which a caller may have replaced and closed since)."""
-
-    def __init__(self) -> None:
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def setup_logging() -> None:
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in log.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[kdforge] %(message)s"))
-        handler.addFilter(MainProcessOnly())
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 
 def demo_config_path() -> str:
