@@ -187,3 +187,12 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdforge {kdforge.__version__}"
+
+
+def test_a_student_layer_the_teacher_lacks_is_refused_before_the_teachers_fine_tuning(job_tree, capsys, tmp_path):
+    job_tree["student"] = {"layers": [0, 9]}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_tree))
+    err = one_line_error(capsys, ["distill", str(path)])
+    assert "student.layers: 9 is not a layer of the teacher, which has 4 (indices 0 to 3)" in err
+    assert not (Path(job_tree["output_dir"]) / "teacher").exists()  # nothing fine-tuned

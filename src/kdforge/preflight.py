@@ -148,7 +148,14 @@ def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: b
             hf_config = _hf_config(learner.model, f"{prefix}.model")
             if hf_config is not None:
                 _check_built(hf_config, causal, lengths, f"{prefix}.model {learner.model!r}", f"{prefix}.model")
-    elif learner.config is not None and teacher_config is not None:
+        return
+    depth_of_teacher = getattr(teacher_config, "num_hidden_layers", None)
+    if learner.layers is not None and depth_of_teacher is not None:
+        bad = [i for i in learner.layers if not 0 <= i < depth_of_teacher]
+        if bad:  # found now, not after the teacher's fine-tuning
+            raise KDForgeError(f"{prefix}.layers: {bad[0]} is not a layer of the teacher, which has "
+                               f"{depth_of_teacher} (indices 0 to {depth_of_teacher - 1})")
+    if learner.config is not None and teacher_config is not None:
         depth = {"num_hidden_layers": len(learner.layers)} if learner.layers is not None else {}  # sliced
         merged = override_config(teacher_config, {**depth, **learner.config}, f"{prefix}.config")
         _check_built(merged, causal, lengths, f"the {prefix} ({prefix}.config)", f"{prefix}.config")
