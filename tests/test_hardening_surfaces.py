@@ -196,3 +196,13 @@ def test_a_student_layer_the_teacher_lacks_is_refused_before_the_teachers_fine_t
     err = one_line_error(capsys, ["distill", str(path)])
     assert "student.layers: 9 is not a layer of the teacher, which has 4 (indices 0 to 3)" in err
     assert not (Path(job_tree["output_dir"]) / "teacher").exists()  # nothing fine-tuned
+
+
+def test_kdforge_quiets_the_libraries_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    from kdforge.console import setup_logging
+
+    hf_logging.enable_progress_bar()
+    setup_logging()
+    assert not hf_logging.is_progress_bar_enabled()

@@ -92,3 +92,12 @@ def test_kdnas_searches_the_architecture_only_unless_the_space_lists_t_and_the_k
     assert search_space_settings(listed)["temperature"] == [2, 4]
     autokd = validate_config({**base, "search": {"method": "autokd", "proxy_epochs": 4}})
     assert "temperature" not in search_space_settings(autokd)  # autokd: the defaults, T and weight searched
+
+
+def test_a_search_budget_too_small_to_mean_anything_is_warned():
+    from kdforge.search.run import budget_warning
+
+    assert budget_warning(60, 250, 400) is None
+    line = budget_warning(1, 1, 4)
+    assert line.startswith("this search has only 1 trials, 1 proxy training rows, 4 validation rows")
+    assert "search.trials" in line and budget_warning(12, 50, 400) is not None

@@ -42,6 +42,18 @@ def setup_logging() -> None:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    quiet_library_progress_bars()
+
+
+def quiet_library_progress_bars() -> None:
+    """Hugging Face's weight-loading and download bars would interleave with kdforge's own lines."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        return
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def default_logging() -> None:

@@ -98,6 +98,16 @@ def run_worker(ctx: SearchContext, study: optuna.Study) -> None:
                    callbacks=[optuna.study.MaxTrialsCallback(search.trials, states=FINISHED)])
 
 
+def budget_warning(trials: int, proxy_rows: int, validation_rows: int) -> str | None:
+    """A warning when the search's budget is too small for its ranking to mean anything."""
+    small = [f"{n} {what}" for n, what, least in ((trials, "trials", 10), (proxy_rows, "proxy training rows", 100),
+                                                   (validation_rows, "validation rows", 100)) if n < least]
+    if not small:
+        return None
+    return (f"this search has only {', '.join(small)}: its ranking of candidates is mostly noise (aim for 10 or "
+            "more trials and 100 or more rows each: search.trials, search.proxy_rows, task.validation)")
+
+
 def search_space_settings(config: JobConfig) -> dict[str, list[Any]]:
     """``search.space``; KD-NAS (v1) searches the architecture only, so for ``kdnas`` the temperature and
     the KD weight are searched only when the space lists them (our addition, an option)."""
@@ -188,6 +198,9 @@ def run_search(config: JobConfig, workers: int = 1, join: bool = False) -> Searc
     ctx = SearchContext(config, task, ProxyTask(task, config.search.proxy_rows, config.task.sample_seed),
                         teachers, space, folder)
     check_space(ctx)  # a candidate the teacher cannot give, or a bad candidate term: one line, before any trial
+    warning = budget_warning(config.search.trials, len(ctx.proxy.split("train")), len(task.split(task.selection_split)))
+    if warning:
+        log.warning("WARNING: %s", warning)
     run_with_local_workers("search", config_path, workers, lambda: run_worker(ctx, study))
     if join:
         return None
