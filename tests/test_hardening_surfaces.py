@@ -206,3 +206,16 @@ def test_kdforge_quiets_the_libraries_progress_bars():
     hf_logging.enable_progress_bar()
     setup_logging()
     assert not hf_logging.is_progress_bar_enabled()
+
+
+def test_eval_on_another_file_names_it_and_keeps_the_runs_own_selection_split(finished_run, tmp_path, sentiment_dir):
+    """The run selected its best epoch on dev.csv; scoring test.csv later is not "the same split"."""
+    from tests.helpers import sentiment_rows, write_csv
+
+    test_file = write_csv(tmp_path / "test.csv", sentiment_rows(40, seed=9))
+    result = jobs.run_eval(finished_run, [f"task.dev_file={test_file}"])
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    original = json.loads((finished_run / "metrics.json").read_text())
+    assert saved["reported_on"] == "dev (test.csv, 40 rows)"
+    assert saved["selected_on"] == original["selected_on"] == "dev (dev.csv, 64 rows)"
+    assert "optimistic" not in (result.run_dir / "report.md").read_text()

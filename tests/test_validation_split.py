@@ -151,7 +151,7 @@ def test_eval_split_is_untouched_and_selection_split(tmp_path):
     assert texts(task.split("dev")) == texts(plain.split("dev"))
     assert (plain.selection_split, task.selection_split) == ("dev", "validation")
     assert task.describe_split("validation") == "validation (10 rows carved from train)"
-    assert task.describe_split("dev") == "dev (4 rows)"
+    assert task.describe_split("dev") == "dev (dev.csv, 4 rows)"  # the file the user named
 
 
 def test_digits_validation_is_stratified_and_disjoint():

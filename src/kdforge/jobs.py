@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from accelerate import PartialState
 
@@ -130,7 +131,7 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
 
 def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], run: RunFolder,
                history: list | None, timer: PhaseTimer, onnx_files: dict[str, Path], out: Results | None = None,
-               function: str = "distill") -> RunResult:
+               function: str = "distill", selected: dict[str, Any] | None = None) -> RunResult:
     """Every form of the primary teacher and the student measured on the reported split (see
     :mod:`kdforge.evaluation.run_report`), the report and ``metrics.json`` written into ``out`` (the run folder
     by default)."""
@@ -140,7 +141,8 @@ def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
     with timer.phase("evaluation"):
         saved = evaluate_run(config, task, models, teacher_role, out.root, history,
                              {**provenance, "phases": timer.seconds},
-                             {role: run.teacher(role).record for role in config.teacher_configs()}, onnx_files)
+                             {role: run.teacher(role).record for role in config.teacher_configs()}, onnx_files,
+                             selected)
     saved["provenance"]["phases"] = dict(timer.seconds)
     if function == "distill":
         write_student_card(config, task, run, saved)
@@ -170,9 +172,10 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
         with timer.phase("export"):
             onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run) \
                 if onnx or int8 else run.existing_onnx_files()
-        history = read_json(run.metrics, f"delete it and run `kdforge eval {run.root}` again").get("history") \
-            if run.finished else None
-        return report_run(config, task, models, run, history, timer, onnx_files, out, "evaluate")
+        saved = read_json(run.metrics, f"delete it and run `kdforge eval {run.root}` again") if run.finished else {}
+        selected = {"selected_on": saved.get("selected_on")} if saved else None  # where training chose, not now
+        return report_run(config, task, models, run, saved.get("history"), timer, onnx_files, out, "evaluate",
+                          selected)
 
 
 def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:

@@ -153,9 +153,11 @@ def data_sizes(task: Task) -> dict[str, int]:
 
 def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], teacher_role: str, out_dir: Path,
                  history: list | None, provenance: dict[str, Any], finetune_records: dict[str, Path],
-                 onnx_files: dict[str, Path]) -> dict[str, Any]:
+                 onnx_files: dict[str, Path], selected: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score every form, time them interleaved, write the report into ``out_dir``; returns what
-    ``metrics.json`` holds (written last by the caller's :func:`write_metrics`)."""
+    ``metrics.json`` holds (written last by the caller's :func:`write_metrics`). ``selected``: the run's
+    own ``{"selected_on": ...}`` when re-evaluating it (the split its training selected on, whatever
+    split is scored now)."""
     data = task.split(task.eval_split)
     forms = build_forms(config, task, models, teacher_role, onnx_files)
     reports, timing = score_and_time(forms, task, data, config)
@@ -174,6 +176,8 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
     selects = config.stage_train(config.all_stages()[-1]).select_best  # else the last epoch is kept
     splits = {"selected_on": task.describe_split(task.selection_split) if selects else None,
               "reported_on": task.describe_split(task.eval_split)}
+    if selected is not None:
+        splits["selected_on"] = selected.get("selected_on")
     provenance = {**provenance, "data": data_sizes(task)}
     findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
                         histories=phase_histories(config, history, finetune_records), provenance=provenance,

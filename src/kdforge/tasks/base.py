@@ -143,7 +143,8 @@ class Task(ABC):
         from train)"``."""
         rows = len(self.split(split))
         if split != VALIDATION:
-            return f"{split} ({rows} rows)"
+            file = getattr(self.config, f"{split}_file", None)  # a file the user named: say which
+            return f"{split} ({Path(file).name}, {rows} rows)" if file else f"{split} ({rows} rows)"
         source = "carved from train" if isinstance(self.config.validation, float) else \
             f"from {Path(str(self.config.validation)).name}"
         return f"{split} ({rows} rows {source})"
