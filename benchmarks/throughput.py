@@ -245,7 +245,7 @@ def main() -> None:
         "Load after: the 1-minute load average when the case ended (above the thread count, other work shared "
         "the CPU: both loops were slowed alike, but the interval widens).",
         "",
-        "Reproduce: `.venv/bin/python benchmarks/throughput.py`",
+        f"Reproduce: `OMP_NUM_THREADS={threads} .venv/bin/python benchmarks/throughput.py`",
     ])
     atomic_write_text(out, text + "\n")
     atomic_write_json(out.with_suffix(".json"), {"gflops": gflops, "threads": threads, "cpu": cpu,
