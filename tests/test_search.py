@@ -259,3 +259,18 @@ def test_autokd_needs_three_rungs_and_the_report_counts_each(tmp_path):
                {"state": "COMPLETE", "epochs": 4}, {"state": "RUNNING", "epochs": 3}, {"state": "FAIL", "epochs": 0}]
     assert rung_counts(records, 4) == [(1, 4), (2, 2), (4, 1)]
     assert rung_counts(records, 6) == [(1, 4), (2, 2), (4, 1), (6, 0)]
+
+
+def test_candidates_can_be_timed_in_the_form_that_ships(search_tree, one_thread, monkeypatch):
+    """search.latency_form: onnx_int8 exports and quantizes every candidate in its trial and times that."""
+    import kdforge.deploy.quantize as quantize
+
+    made = []
+    real = quantize.quantize_int8
+    monkeypatch.setattr(quantize, "quantize_int8", lambda src, dst: made.append(dst) or real(src, dst))
+    search_tree["search"].update(method="random", trials=2, final_top=0, latency_form="onnx_int8")
+    result = api.search(search_tree)
+    complete = [r for r in result.trials if r["state"] == "COMPLETE"]
+    assert len(complete) == 2 and len(made) == 2 and all(p.name == "candidate.int8.onnx" for p in made)
+    assert all(r["latency_form"] == "onnx_int8" and r["latency_ms"] > 0 for r in complete)
+    assert "ONNX int8 export" in (result.folder / "report.md").read_text()

@@ -310,6 +310,10 @@ class SearchConfig(Strict):
     target_speedup: PositiveFloat = Field(3.0, description="the target latency = the teacher's latency / this")
     reward_weight: float = Field(-0.07, le=0, description="w of the reward score x (latency / target)^w "
                                  "(MnasNet's soft constraint)")
+    latency_form: Literal["pytorch", "onnx_int8"] = Field(
+        "pytorch", description="the form each candidate is timed in: pytorch (fp32) or onnx_int8, the form that "
+        "ships (exported and quantized in the trial: int8 changes which shapes are fast); the teacher is timed "
+        "in PyTorch fp32, the reference of the target speedup")
     latency_batch_size: PositiveInt | None = Field(None, description="batch size of the latency measurement; "
                                                    "default: the largest of eval.latency_batch_sizes")
     latency_repeats: PositiveInt = Field(10, description="interleaved rounds (candidate and teacher) per trial")

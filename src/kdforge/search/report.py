@@ -117,8 +117,9 @@ def write_search_report(folder: Path, config: JobConfig, study: optuna.Study, re
               f"target)^{search.reward_weight}, target = the teacher's latency / {search.target_speedup}). "
               f"Trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed, "
               f"{counts['RUNNING']} running. Each candidate distilled {search.proxy_epochs} epoch(s) on "
-              f"{search.proxy_rows} training rows, scored on the validation split; latency at batch size {bs}, "
-              f"interleaved with the teacher"
+              f"{search.proxy_rows} training rows, scored on the validation split; latency of its "
+              f"{'ONNX int8 export' if search.latency_form == 'onnx_int8' else 'PyTorch fp32 form'} at batch size "
+              f"{bs}, interleaved with the teacher's PyTorch fp32"
               + (f" (teacher median {sorted(teacher_ms)[len(teacher_ms) // 2]:.1f} ms)." if teacher_ms else ".")),
     ]
     if track:

@@ -116,13 +116,28 @@ def trial_config(ctx: SearchContext, params: dict[str, Any], work_dir: Path) -> 
     return validate_config(tree, "search trial")
 
 
-def measure_candidate(ctx: SearchContext, student: LoadedModel) -> dict[str, float]:
-    """The candidate's latency at the search's batch size, interleaved with the teacher's: its median
-    in ms and its ratio to the teacher's (1 / the paired speedup)."""
+def candidate_form(ctx: SearchContext, student: LoadedModel, work_dir: Path) -> Form:
+    """The candidate in the form ``search.latency_form`` times: PyTorch fp32, or exported to ONNX and
+    quantized to int8 in ``work_dir`` (the form that ships)."""
+    if ctx.config.search.latency_form == "pytorch":
+        return pytorch_form("candidate", student, ctx.task, ctx.config.eval)
+    from kdforge.deploy.onnx_export import export_onnx
+    from kdforge.deploy.quantize import quantize_int8
+    from kdforge.evaluation.evaluate import onnx_form
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = export_onnx(student, work_dir / "candidate.onnx", opset=ctx.config.export.opset)
+    int8 = quantize_int8(fp32, work_dir / "candidate.int8.onnx")
+    return onnx_form("candidate", int8, student, ctx.task, ctx.config.eval)
+
+
+def measure_candidate(ctx: SearchContext, student: LoadedModel, work_dir: Path | None = None) -> dict[str, float]:
+    """The candidate's latency at the search's batch size in ``search.latency_form``, interleaved with the
+    teacher's (PyTorch fp32): its median in ms and its ratio to the teacher's (1 / the paired speedup)."""
     cfg, bs = ctx.config, ctx.latency_batch
     if ctx.teacher_form is None:
         ctx.teacher_form = pytorch_form("teacher", ctx.teacher, ctx.task, cfg.eval)
-    candidate = pytorch_form("candidate", student, ctx.task, cfg.eval)
+    candidate = candidate_form(ctx, student, work_dir or ctx.folder / "work" / "latency")
     timing = interleaved_latency({"teacher": ctx.teacher_form.forward, "candidate": candidate.forward}, [bs],
                                  cfg.eval.latency_warmup, cfg.search.latency_repeats, cfg.eval.threads,
                                  reference="teacher", max_spread=cfg.eval.latency_max_spread)
@@ -130,7 +145,7 @@ def measure_candidate(ctx: SearchContext, student: LoadedModel) -> dict[str, flo
     return {"latency_ms": timing["models"]["candidate"]["batch_sizes"][str(bs)]["median_ms"],
             "teacher_latency_ms": timing["models"]["teacher"]["batch_sizes"][str(bs)]["median_ms"],
             "latency_ratio": 1.0 / speedup["ratio"], "speedup": speedup["ratio"],
-            "latency_noisy": bool(timing["noisy"])}
+            "latency_noisy": bool(timing["noisy"]), "latency_form": cfg.search.latency_form}
 
 
 def reward_of(ctx: SearchContext, score: float, latency_ratio: float) -> float:
@@ -176,7 +191,7 @@ def run_trial(ctx: SearchContext, trial: optuna.Trial, pareto: bool, prune: bool
     cfg = trial_config(ctx, params, work_dir)
     seed_everything(cfg.train.seed)
     student = build_student(cfg.student, ctx.teacher, ctx.task)
-    timing = measure_candidate(ctx, student)
+    timing = measure_candidate(ctx, student, work_dir / "form")
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("overrides", candidate_overrides(ctx, params))
     trial.set_user_attr("objectives", [o.model_dump(mode="json") for o in cfg.objectives])  # what ranked it
