@@ -106,6 +106,7 @@ def run_worker_processes(config: Path, count: int, extra=()) -> list[subprocess.
 
 
 def check_two_workers(tree: dict, config: Path, storage_kwargs: dict) -> None:
+    optuna.create_study(**storage_kwargs, direction="maximize")  # started first: the workers join it
     workers = run_worker_processes(config, 2, ["--join"])
     errors = [w.communicate(timeout=600)[1].decode()[-800:] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n---\n".join(errors)
@@ -119,6 +120,7 @@ def test_two_workers_share_one_sqlite_study(search_tree, tmp_path):
     search_tree["search"].update(method="random", trials=6, final_top=0)
     config = write_config(search_tree, tmp_path / "search.yaml")
     folder = Path(search_tree["output_dir"])
+    folder.mkdir(parents=True)
     check_two_workers(search_tree, config, {"study_name": "search",
                                             "storage": f"sqlite:///{folder.resolve() / 'study.db'}"})
     assert main(["search", str(config)]) == 0  # the budget is spent: only the report is written

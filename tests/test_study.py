@@ -114,6 +114,7 @@ def test_two_workers_share_one_sqlite_study(study_tree, tmp_path):
     study_tree["seeds"] = [0, 1, 2]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study_tree))
+    assert main(["study", str(path), "--report-only"]) == 0  # starts the study (runs nothing): workers join it
     workers = worker_processes(path, 2, ["--join"])
     errors = [w.communicate(timeout=900)[1].decode()[-800:] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n---\n".join(errors)

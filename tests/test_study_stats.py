@@ -136,3 +136,19 @@ def test_a_published_teacher_score_in_another_metric_is_shown_beside_ours_on_it(
     assert published_cell(other, teacher) == "accuracy 0.8890 (MiniLM, Table 8; this teacher 0.8015)"
     same = PublishedScore(value=0.9, source="a card")
     assert published_cell(same, teacher) == "0.9000 (a card)"
+
+
+def test_a_runs_hash_ignores_settings_at_their_defaults_and_accepts_the_older_written_hash(study_tree):
+    from kdforge.study.grid import RunSpec, digest
+
+    study, base = load_study(study_tree)
+    run = expand(study, base)[0]
+    with_defaults = RunSpec(run.row, run.point, run.seed,
+                            {**run.tree, "eval": {**run.tree.get("eval", {}), "ensembles": {}, "batch_size": 64}})
+    assert with_defaults.config_hash == run.config_hash  # a default written out (or added to kdforge) changes nothing
+    changed = RunSpec(run.row, run.point, run.seed, {**run.tree, "train": {**run.tree["train"], "lr": 0.5}})
+    assert changed.config_hash != run.config_hash and not changed.matches(run.config_hash)
+    older = digest({k: v for k, v in run.tree.items() if k != "output_dir"})  # how runs were stored before
+    late = RunSpec(run.row, run.point, run.seed, {**run.tree, "eval": {**run.tree.get("eval", {}), "ensembles": {}}})
+    assert run.matches(older) and late.matches(older) and run.matches(run.config_hash)  # a field added since
+    assert not run.matches(None)

@@ -9,6 +9,7 @@ student only and share one teacher (kdforge.study.teachers).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -40,13 +41,42 @@ class RunSpec:
     def key(self) -> str:
         return f"{self.group} / seed {self.seed}"
 
-    @property
-    def config_hash(self) -> str:
-        blob = json.dumps({k: v for k, v in self.tree.items() if k != "output_dir"}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def config(self) -> JobConfig:
         return validate_config(copy.deepcopy(self.tree), f"study run {self.key!r}")
+
+    @functools.cached_property
+    def config_hash(self) -> str:
+        """Identifies the run's settings: those that differ from kdforge's defaults, so a setting kdforge
+        adds later (at its default) leaves every stored run found."""
+        settings = self.config().model_dump(mode="json", exclude_defaults=True)
+        settings.pop("output_dir", None)
+        return digest(settings)
+
+    def matches(self, stored: str | None) -> bool:
+        """Whether ``stored`` (a trial's ``config_hash``) is this run's: as kdforge writes it now, or as
+        earlier versions wrote it (the tree as written, the settings added since left out at their
+        defaults)."""
+        return stored is not None and stored in (self.config_hash, self.written_hash)
+
+    @functools.cached_property
+    def written_hash(self) -> str:
+        tree = {k: copy.deepcopy(v) for k, v in self.tree.items() if k != "output_dir"}
+        for (section, key), default in LATE_DEFAULTS.items():
+            if isinstance(tree.get(section), dict) and tree[section].get(key, MISSING) == default:
+                del tree[section][key]
+        return digest(tree)
+
+
+MISSING = object()
+# settings added to kdforge after studies stored runs by their written trees (apply_overrides writes a
+# whole section with its defaults): left out of that older hash at their defaults
+LATE_DEFAULTS = {("eval", "ensembles"): {}, ("train", "optimizer"): "adamw", ("train", "momentum"): 0.9,
+                 ("train", "shuffle"): True, ("train", "drop_last"): False, ("train", "scheduler"): "linear"}
+
+
+def digest(settings: dict[str, Any]) -> str:
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def slug(text: str) -> str:

@@ -70,11 +70,11 @@ def open_study(study: StudyConfig, join: bool = False) -> optuna.Study:
 def finished(study: optuna.Study, runs: list[RunSpec]) -> dict[str, dict[str, Any]]:
     """Run key -> summary of every run finished with its current config (a run whose config changed
     since counts as not finished)."""
-    hashes = {r.key: r.config_hash for r in runs}
+    specs = {r.key: r for r in runs}
     done = {}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         key = trial.user_attrs.get("run")
-        if key in hashes and trial.user_attrs.get("config_hash") == hashes[key]:
+        if key in specs and specs[key].matches(trial.user_attrs.get("config_hash")):
             done[key] = trial.user_attrs["summary"]
     return done
 
@@ -184,7 +184,7 @@ def run_worker(study_cfg: StudyConfig, study: optuna.Study, runs: list[RunSpec])
         if claimed is None:
             continue
         trial, key = claimed
-        run = next((r for r in runs if r.key == key and r.config_hash == trial.user_attrs.get("config_hash")), None)
+        run = next((r for r in runs if r.key == key and r.matches(trial.user_attrs.get("config_hash"))), None)
         if run is None:  # enqueued by a worker with other settings: not a run of this study as it is now
             trial.set_user_attr("error", "not a run of this study's current settings")
             study.tell(trial, state=TrialState.FAIL)
