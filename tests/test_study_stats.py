@@ -152,3 +152,6 @@ def test_a_runs_hash_ignores_settings_at_their_defaults_and_accepts_the_older_wr
     late = RunSpec(run.row, run.point, run.seed, {**run.tree, "eval": {**run.tree.get("eval", {}), "ensembles": {}}})
     assert run.matches(older) and late.matches(older) and run.matches(run.config_hash)  # a field added since
     assert not run.matches(None)
+    written = RunSpec(run.row, run.point, run.seed, {**run.tree, "train": {**run.tree["train"], "momentum": 0.9}})
+    by_user = digest({k: v for k, v in written.tree.items() if k != "output_dir"})  # the user wrote momentum
+    assert written.matches(by_user)

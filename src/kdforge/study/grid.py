@@ -56,15 +56,18 @@ class RunSpec:
         """Whether ``stored`` (a trial's ``config_hash``) is this run's: as kdforge writes it now, or as
         earlier versions wrote it (the tree as written, the settings added since left out at their
         defaults)."""
-        return stored is not None and stored in (self.config_hash, self.written_hash)
+        return stored is not None and (stored == self.config_hash or stored in self.written_hashes)
 
     @functools.cached_property
-    def written_hash(self) -> str:
+    def written_hashes(self) -> tuple[str, str]:
+        """The older hashes: of the tree as written, and of it without the settings added since at their
+        defaults (written out by kdforge when it filled a section, not by the user)."""
         tree = {k: copy.deepcopy(v) for k, v in self.tree.items() if k != "output_dir"}
+        raw = digest(tree)
         for (section, key), default in LATE_DEFAULTS.items():
             if isinstance(tree.get(section), dict) and tree[section].get(key, MISSING) == default:
                 del tree[section][key]
-        return digest(tree)
+        return raw, digest(tree)
 
 
 MISSING = object()
