@@ -100,8 +100,12 @@ def teacher_name(spec: RunSpec | None, folder: str) -> str:
 def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], list[str]]:
     """Each distinct teacher's score, trivial baseline and floor; the warnings for those below it."""
     seen: dict[str, dict] = {}
+    shared = Path(study.teachers_dir or Path(study.output_dir) / "teachers")
     for summary in tables.summaries.values():
-        seen.setdefault(summary.get("teacher_id", "teacher"), summary)
+        folder = summary.get("teacher_id", "teacher")
+        if (shared / folder).exists():  # one teacher under two names (a folder linked to another): once
+            folder = (shared / folder).resolve().name
+        seen.setdefault(folder, summary)
     out, warnings = [], []
     for folder, summary in seen.items():
         name = teacher_name(tables.specs.get((summary["point"], summary["row"])), folder)

@@ -146,7 +146,7 @@ def execute(run: RunSpec, teachers_dir: Path, tasks: dict[str, Any]) -> dict[str
     run_distill(job, resume=not changed, overwrite=changed)
     primary = next(iter(job.teacher_configs()))
     spec = config.teacher_configs()[primary]
-    teacher_id = models[primary].parent.name if primary in models else \
+    teacher_id = models[primary].parent.resolve().name if primary in models else \
         (spec.model or f"black box {spec.black_box.version or ''}".strip())
     return run_summary(folder.metrics, run, teacher_id, task.greater_is_better)
 
