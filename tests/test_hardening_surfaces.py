@@ -219,3 +219,15 @@ def test_eval_on_another_file_names_it_and_keeps_the_runs_own_selection_split(fi
     assert saved["reported_on"] == "dev (test.csv, 40 rows)"
     assert saved["selected_on"] == original["selected_on"] == "dev (dev.csv, 64 rows)"
     assert "optimistic" not in (result.run_dir / "report.md").read_text()
+
+
+def test_config_explain_lists_a_sections_keys_with_defaults_and_meaning(capsys):
+    assert main(["config", "--explain", "train"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "train"
+    assert "  optimizer (Literal['adamw', 'sgd']; default 'adamw'): adamw (the transformer papers')" in out
+    assert "  scheduler (Literal['linear', 'cosine', 'constant']; default 'linear')" in out
+    assert main(["config", "--explain", "teachers"]) == 0
+    assert "  finetune (FinetuneConfig | None; default None)" in capsys.readouterr().out  # a dict's sections
+    err = one_line_error(capsys, ["config", "--explain", "trian"])
+    assert "`trian` is not a config section; sections here: task, teacher, teachers" in err

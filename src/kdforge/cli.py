@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("--join", action="store_true", help="only run runs of the study (a worker on another "
                        "machine with the same storage and study_name): no report")
     study.add_argument("--report-only", action="store_true", help="write the report from the storage; run nothing")
+    config = sub.add_parser("config", help="the keys of a config section with their types, defaults and meaning")
+    config.add_argument("--explain", default="", metavar="SECTION", help="e.g. train, task, eval, stages, "
+                        "teachers (default: the top level)")
     serve = sub.add_parser("serve", help="serve a finished run's model as a black-box teacher over HTTP "
                            "(kdforge's JSON protocol) until Ctrl+C")
     serve.add_argument("target", metavar="RUN_DIR")
@@ -107,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
         folder, table = jobs.run_bench_latency(args.target, args.overrides)
         print(table)
         print(f"\nwritten to {folder}")
+        return 0
+    if args.command == "config":
+        from kdforge.config import explain
+
+        print(explain(args.explain))
         return 0
     if args.command == "serve":
         from kdforge.blackbox.serve import serve_run

@@ -602,6 +602,35 @@ def section_keys(model: Any, path: tuple) -> list[str] | None:
     return list(model.model_fields) if _is_model(model) else None
 
 
+def section_model(path: str) -> Any:
+    """The pydantic model of the job config's section at the dotted ``path`` ("" for the top level);
+    one line naming the valid sections when there is none."""
+    model = JobConfig
+    for part in [p for p in path.split(".") if p]:
+        field = model.model_fields.get(part) if _is_model(model) else None
+        inner = _section_model(field.annotation) if field is not None else None
+        if inner is None:
+            sections = [k for k, f in model.model_fields.items() if _section_model(f.annotation) is not None]
+            raise KDForgeError(f"`{path}` is not a config section; sections here: {', '.join(sections)}")
+        model = inner
+    return model
+
+
+def explain(path: str = "") -> str:
+    """Every key of the config section ``path``: its type, default and description."""
+    model = section_model(path)
+    doc = (model.__doc__ or "").strip().splitlines()
+    lines = [f"{path or 'the job config'}" + (f": {doc[0]}" if doc and model.__doc__ != BaseModel.__doc__ else "")]
+    for name, field in model.model_fields.items():
+        default = "required" if field.is_required() else \
+            f"default {field.get_default(call_default_factory=True)!r}"
+        annotation = field.annotation
+        kind = annotation.__name__ if isinstance(annotation, type) else \
+            str(annotation).replace("typing.", "").replace("kdforge.config.", "")
+        lines.append(f"  {name} ({kind}; {default})" + (f": {field.description}" if field.description else ""))
+    return "\n".join(lines)
+
+
 def unknown_key_message(model: Any, loc: tuple) -> str:
     """"this config key does not exist", with the nearest valid key of its section and the valid keys."""
     keys = section_keys(model, loc[:-1]) if loc else None
