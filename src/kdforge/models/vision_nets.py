@@ -57,7 +57,7 @@ def _stage(block: Callable[[int, int, int], nn.Module], in_channels: int, out_ch
     return nn.Sequential(*layers)
 
 
-def _init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module) -> None:
     """He-normal convolutions (fan-out), BatchNorm weight 1 / bias 0, zero linear biases."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -124,7 +124,7 @@ class CifarResNet(_Classifier):
         self.post_act = nn.Identity()  # blocks already end with a ReLU
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels[2], num_classes)
-        _init_weights(self)
+        init_weights(self)
 
 
 class PreActBlock(nn.Module):
@@ -164,7 +164,7 @@ class WideResNet(_Classifier):
         self.post_act = nn.Sequential(nn.BatchNorm2d(widths[2]), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
-        _init_weights(self)
+        init_weights(self)
 
 
 class SmallCNN(_Classifier):
@@ -181,7 +181,7 @@ class SmallCNN(_Classifier):
         self.post_act = nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
 
 _CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}

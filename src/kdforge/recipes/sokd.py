@@ -69,6 +69,7 @@ from torch import nn
 from kdforge.config import JobConfig, StageConfig
 from kdforge.errors import KDForgeError
 from kdforge.models.outputs import Outputs
+from kdforge.models.vision_nets import init_weights
 from kdforge.objectives.base import objective_params
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.objectives.logit import kd_kl_loss
@@ -169,22 +170,21 @@ def _unsupported(model: nn.Module, why: str) -> KDForgeError:
 
 
 def reinitialise(module: nn.Module, initializer_range: float | None) -> None:
-    """Fresh weights for every layer of ``module`` as the net's own construction draws them: He-normal
-    (fan-out) convolutions, BatchNorm weight 1 / bias 0 and reset running statistics, zero linear biases
-    (:mod:`kdforge.models.vision_nets`); with ``initializer_range`` (BERT-style), linear weights
-    normal(0, initializer_range) and LayerNorm 1 / 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-            m.reset_running_stats()
-        elif isinstance(m, nn.Linear):
-            if initializer_range is not None:
-                nn.init.normal_(m.weight, std=initializer_range)
-            else:
+    """Fresh weights for every layer of ``module`` as the net's own construction draws them: a kdforge
+    CIFAR net's (:func:`kdforge.models.vision_nets.init_weights`: He-normal convolutions, BatchNorm 1 / 0,
+    zero linear biases) with reset running statistics; with ``initializer_range`` (BERT-style), linear
+    weights normal(0, initializer_range), zero biases, LayerNorm 1 / 0."""
+    if initializer_range is None:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
                 m.reset_parameters()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+        init_weights(module)
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=initializer_range)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
