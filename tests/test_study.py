@@ -110,19 +110,23 @@ def worker_processes(config: Path, count: int, extra=()) -> list[subprocess.Pope
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(count)]
 
 
-def test_two_workers_share_one_sqlite_study(study_tree, tmp_path):
-    study_tree["seeds"] = [0, 1, 2]
-    path = tmp_path / "study.yaml"
+def two_workers_run_every_run_once(study_tree: dict, path: Path, load_study) -> None:
+    """Start the study, then two ``--join`` workers: every run is run once, by one of the two processes."""
     path.write_text(yaml.safe_dump(study_tree))
     assert main(["study", str(path), "--report-only"]) == 0  # starts the study (runs nothing): workers join it
     workers = worker_processes(path, 2, ["--join"])
     errors = [w.communicate(timeout=900)[1].decode()[-800:] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n---\n".join(errors)
-    folder = Path(study_tree["output_dir"])
-    complete = [t for t in stored(folder).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    complete = [t for t in load_study().trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["run"] for t in complete) == sorted(
         f"{row} / seed {s}" for row in ("ce only", "kd") for s in (0, 1, 2))  # every run once, none twice
     assert len({t.user_attrs["worker"] for t in complete}) == 2  # both processes ran runs
+
+
+def test_two_workers_share_one_sqlite_study(study_tree, tmp_path):
+    study_tree["seeds"] = [0, 1, 2]
+    folder, path = Path(study_tree["output_dir"]), tmp_path / "study.yaml"
+    two_workers_run_every_run_once(study_tree, path, lambda: stored(folder))
     assert len(finetunings(folder)) == 1
     assert main(["study", str(path)]) == 0  # nothing left: only the report
     assert len(stored(folder).trials) == len(stored(folder).trials) and (folder / "study.html").is_file()
