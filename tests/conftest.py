@@ -11,6 +11,13 @@ import pytest
 from tests.helpers import sentiment_rows, tiny_bert, write_csv
 
 
+@pytest.fixture(autouse=True)
+def private_kdforge_cache(tmp_path_factory, monkeypatch):
+    """Each test its own $KDFORGE_CACHE: cached teacher outputs and the teacher store never pass between
+    tests (nor into the user's ~/.cache)."""
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path_factory.mktemp("kdforge-cache")))
+
+
 @pytest.fixture(scope="session")
 def sentiment_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sentiment")

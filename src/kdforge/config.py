@@ -96,6 +96,9 @@ class FinetuneConfig(Strict):
     lr: PositiveFloat = 5e-5
     batch_size: PositiveInt = 32
     seed: int | None = Field(None, description="seed of the teacher's fine-tuning; default: train.seed")
+    store: bool = Field(True, description="reuse a teacher fine-tuned identically (same model, data, settings "
+                        "and seed) by any earlier run, from $KDFORGE_CACHE/teachers, and keep a copy of a newly "
+                        "fine-tuned one there")
 
 
 class BlackBoxConfig(Strict):

@@ -5,7 +5,10 @@ or its configured model as is; or a black box behind its client.
 looks in a teacher folder (by default the run's ``teacher/`` or ``teachers/<role>/``; any folder, so
 that many runs can share one teacher) for a ``finetune.json`` whose fingerprint (model, data,
 preprocessing, fine-tuning settings and seed) is this config's, and fine-tunes the teacher into that
-folder only when there is none. :func:`load_teacher` gives any teacher role.
+folder only when there is none. A run's own teacher folder is backed by the *teacher store*
+(``$KDFORGE_CACHE/teachers/<key>/``, :func:`teacher_store_key`): a teacher fine-tuned by any earlier
+run with the same key is copied from there instead of fine-tuned again, and a newly fine-tuned one is
+copied there (``teacher.finetune.store: false`` opts out). :func:`load_teacher` gives any teacher role.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
 from kdforge.blackbox.teacher import BlackBoxes, black_box_teacher
@@ -20,10 +25,12 @@ from kdforge.config import PRIMARY_TEACHER, JobConfig, ObjectiveConfig, TeacherC
 from kdforge.deploy.export import export_model
 from kdforge.engine.trainer import seed_everything
 from kdforge.errors import KDForgeError
-from kdforge.io import atomic_write_json, read_json
+from kdforge.io import atomic_write_json, file_lock, read_json
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
 from kdforge.objectives.composite import WeightedLoss
+from kdforge.paths import cache_dir
+from kdforge.processes import launch_rank
 from kdforge.recipes.offline import OfflineStep
 from kdforge.recipes.stage import train_model
 from kdforge.roles.base import primary_teacher, teacher_key
@@ -49,10 +56,51 @@ def finetune_seed(config: JobConfig, role: str = PRIMARY_TEACHER) -> int:
 
 def teacher_fingerprint(config: JobConfig, task: Task, role: str = PRIMARY_TEACHER) -> str:
     teacher = config.teacher_configs()[role]
-    settings = teacher.finetune.model_dump(exclude={"seed"})  # the seed in effect is keyed below
+    settings = teacher.finetune.model_dump(exclude={"seed", "store"})  # the seed in effect is keyed below
     blob = json.dumps({"model": teacher.model, "finetune": settings,
                        "task": task.fingerprint(), "seed": finetune_seed(config, role)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# train settings that do not shape a fine-tuned teacher: logging, the student's seed, and what the
+# teacher's own `finetune` section replaces (epochs, lr, batch size: part of its fingerprint)
+UNSHAPING = ("seed", "log_every", "trackers", "checkpoint_every", "keep_checkpoint", "device",
+             "epochs", "lr", "batch_size")
+
+# train settings added after shared teachers existed: left out at their defaults, so those stay found
+LATE_DEFAULTS = {"shuffle": True, "drop_last": False, "scheduler": "linear"}
+
+
+def teacher_store_key(config: JobConfig, task: Task, role: str) -> str:
+    """The name a fine-tuned teacher is shared under (a study's teachers, the teacher store): its
+    fingerprint and a hash of the ``train`` settings its fine-tuning inherits (optimizer, weight decay,
+    warm-up, precision...; not the student's seed, epochs, lr or batch size)."""
+    train = config.train.model_dump(mode="json", exclude=set(UNSHAPING))
+    train = {k: v for k, v in train.items() if k not in LATE_DEFAULTS or v != LATE_DEFAULTS[k]}
+    extra = hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{teacher_fingerprint(config, task, role)}-{extra}"
+
+
+def teacher_store(config: JobConfig, task: Task, role: str) -> TeacherFolder:
+    """Teacher ``role``'s folder in the teacher store, ``$KDFORGE_CACHE/teachers/<key>``."""
+    return TeacherFolder(cache_dir() / "teachers" / teacher_store_key(config, task, role))
+
+
+def copy_teacher(source: TeacherFolder, target: TeacherFolder) -> None:
+    """Copy a finished teacher (``model/``, then ``finetune.json``, which marks it finished) into
+    ``target``; the model is copied beside its place and renamed into it, so a kill leaves no half copy.
+    Checkpoints and trackers stay behind."""
+    target.root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.root, prefix=".model-"))
+    try:
+        shutil.copytree(source.model, staging / "model")
+        target.record.unlink(missing_ok=True)  # a stale teacher stops counting as finished first
+        if target.model.exists():
+            shutil.rmtree(target.model)
+        (staging / "model").rename(target.model)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    atomic_write_json(target.record, read_json(source.record, f"delete {source.root} to fine-tune again"))
 
 
 def teacher_folder(config: JobConfig, role: str, folder: str | Path | None = None) -> TeacherFolder:
@@ -86,13 +134,19 @@ def finetune_teacher(config: JobConfig, task: Task, role: str, resume: bool = Fa
     return teacher
 
 
+def is_finetuned(config: JobConfig, task: Task, role: str, folder: TeacherFolder) -> bool:
+    """Whether ``folder`` holds teacher ``role`` fine-tuned for this config: its fingerprint in
+    ``finetune.json``, written once the teacher is exported."""
+    return folder.record.is_file() and read_json(
+        folder.record, f"delete {folder.root} to fine-tune the teacher again").get(
+        "fingerprint") == teacher_fingerprint(config, task, role)
+
+
 def find_finetuned_teacher(config: JobConfig, task: Task, role: str,
                            folder: str | Path | None = None) -> LoadedModel | None:
-    """Teacher ``role`` as fine-tuned earlier for this config (its fingerprint in ``finetune.json`` of its
-    folder), or None."""
+    """Teacher ``role`` as fine-tuned earlier for this config (see :func:`is_finetuned`), or None."""
     out = teacher_folder(config, role, folder)
-    if not out.record.is_file() or read_json(out.record, f"delete {out.root} to fine-tune the teacher again").get(
-            "fingerprint") != teacher_fingerprint(config, task, role):
+    if not is_finetuned(config, task, role, out):
         return None
     log.info("reusing the fine-tuned %s in %s (delete it to fine-tune again)", role, out.root)
     return load_model(str(out.model), task, f"{teacher_key(role)}.model")
@@ -105,7 +159,23 @@ def find_or_finetune_teacher(config: JobConfig, task: Task, role: str | None = N
     now. Runs that share ``folder`` share the teacher: it is trained once per fingerprint."""
     role = role or primary_teacher(config)
     found = find_finetuned_teacher(config, task, role, folder)
-    return found if found is not None else finetune_teacher(config, task, role, resume, folder)
+    if found is not None:
+        return found
+    if folder is not None or not config.teacher_configs()[role].finetune.store:
+        return finetune_teacher(config, task, role, resume, folder)
+    store, own, main = teacher_store(config, task, role), teacher_folder(config, role), launch_rank() == 0
+    if is_finetuned(config, task, role, store):  # finished teachers in the store are never rewritten
+        log.info("reusing the fine-tuned %s from the teacher store %s (same model, data, settings and seed; "
+                 "`%s.finetune.store: false` fine-tunes it again)", role, store.root, teacher_key(role))
+        if main:
+            copy_teacher(store, own)  # the run keeps its own copy, as if it had fine-tuned it
+        return load_model(str(store.model), task, f"{teacher_key(role)}.model")
+    teacher = finetune_teacher(config, task, role, resume)
+    if main:
+        with file_lock(store.root.with_name(store.root.name + ".lock")):
+            if not is_finetuned(config, task, role, store):
+                copy_teacher(own, store)
+    return teacher
 
 
 def black_box_tokenizer(config: JobConfig, task: Task):
