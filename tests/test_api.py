@@ -112,3 +112,99 @@ def test_fit_in_a_plain_script_prints_each_epoch_and_the_kept_one(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("[kdforge]")]
     assert any("distill epoch 1/2" in line and "accuracy" in line for line in lines)
     assert any("distill epoch 2/2" in line for line in lines) and any("kept epoch" in line for line in lines)
+
+
+@pytest.fixture(scope="module")
+def distilled_digits(tmp_path_factory, digits_loaders):
+    """A teacher and a student distilled on digits, the best epoch kept on a validation loader."""
+    train, test = digits_loaders
+    val = DataLoader(torch.utils.data.Subset(train.dataset, range(300)), batch_size=128)
+    torch.manual_seed(0)
+    teacher = mlp(128)
+    kdforge.Distiller(None, teacher, objectives=["ce"], output_dir=tmp_path_factory.mktemp("t")).fit(
+        train, val, epochs=4, lr=3e-3, device="cpu")
+    distiller = kdforge.Distiller(teacher, mlp(16), output_dir=tmp_path_factory.mktemp("s"))
+    distiller.fit(train, val, epochs=4, lr=3e-3, device="cpu")
+    return distiller, teacher, train, val, test
+
+
+def by_hand(model, loader):
+    from kdforge.problems.calibration import expected_calibration_error, softmax
+
+    x, y = loader.dataset.tensors
+    with torch.no_grad():
+        logits = model(x).numpy()
+    return (logits.argmax(1) == y.numpy()).mean(), expected_calibration_error(softmax(logits), y.numpy())
+
+
+def test_report_puts_teacher_beside_student_and_their_onnx_forms(tmp_path, distilled_digits):
+    distiller, teacher, train, val, test = distilled_digits
+    report = distiller.report(test, output_dir=tmp_path / "report",
+                              eval_config=kdforge.api.EvalConfig(latency_repeats=3, latency_warmup=1))
+    for name, model in (("teacher", teacher), ("student", distiller.student)):
+        accuracy, ece = by_hand(model, test)
+        assert report.forms[name].metrics["accuracy"] == pytest.approx(accuracy)
+        assert report.forms[name].ece == pytest.approx(ece)
+        assert report.forms[name].params == sum(p.numel() for p in model.parameters())
+    assert set(report.forms) == {"teacher", "student", "teacher onnx fp32", "student onnx fp32", "student onnx int8"}
+    onnx_accuracy = report.forms["student onnx fp32"].metrics["accuracy"]
+    assert onnx_accuracy == pytest.approx(report.student.metrics["accuracy"], abs=1 / len(test.dataset))
+    labels = train.dataset.tensors[1]
+    majority = int(labels.bincount().argmax())
+    assert report.baseline.metrics["accuracy"] == pytest.approx((test.dataset.tensors[1] == majority).float().mean())
+    for form in report.forms.values():  # every form timed interleaved on the loader's first batch (128 rows)
+        assert set(form.latency["batch_sizes"]) == {"128"} and form.latency["interleaved"]
+    assert report.forms["student onnx int8"].size_mb < report.forms["student onnx fp32"].size_mb
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "metrics.json").is_file()
+    assert "student / teacher" in report.table and "student onnx int8: accuracy" in report.table
+    assert "reported on: the loader given to report (397 rows)" in report.table
+    assert "best epoch selected on: the eval_loader of fit (300 rows)" in report.table
+    assert "optimistic" not in report.table
+
+
+def test_report_on_the_selection_loader_says_the_score_is_optimistic(tmp_path, distilled_digits):
+    distiller, _, _, val, _ = distilled_digits
+    report = distiller.report(val, example_inputs=val.dataset[0][0][None], onnx=False, output_dir=tmp_path,
+                              eval_config=kdforge.api.EvalConfig(latency_repeats=2, latency_warmup=0))
+    assert "(the same split: the score is optimistic)" in report.table
+    assert set(report.forms) == {"teacher", "student"}
+    assert set(report.student.latency["batch_sizes"]) == {"1"}  # timed on the example given
+
+
+def test_a_module_without_onnx_support_is_reported_with_the_reason(tmp_path, distilled_digits):
+    class Branching(torch.nn.Module):  # a data-dependent branch: torch.export cannot capture it soundly
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            return self.inner(inputs) if float(inputs.sum()) > 0 else -self.inner(inputs)
+
+    distiller, teacher, _, _, test = distilled_digits
+    report = kdforge.Distiller(teacher, Branching(distiller.student), objectives=["ce"]).report(
+        test, output_dir=tmp_path, eval_config=kdforge.api.EvalConfig(latency_repeats=2, latency_warmup=0))
+    assert set(report.forms) == {"teacher", "student", "teacher onnx fp32"}
+    assert len(report.notes) == 1 and report.notes[0].startswith("student: no ONNX form (cannot export Branching")
+    assert report.notes[0] in report.table
+
+
+def test_save_writes_a_plain_module_as_safetensors_and_its_class(tmp_path, distilled_digits):
+    distiller, _, _, _, test = distilled_digits
+    folder = distiller.save(tmp_path / "student")
+    assert sorted(p.name for p in folder.iterdir()) == ["kdforge_module.json", "model.safetensors"]
+    again = kdforge.load_student_weights(folder, mlp(16))
+    x = test.dataset.tensors[0]
+    torch.testing.assert_close(again(x), distiller.student(x))
+    with pytest.raises(kdforge.KDForgeError, match="holds a torch.nn.modules.container:Sequential, not a"):
+        kdforge.load_student_weights(folder, torch.nn.Linear(64, 10))
+
+
+def test_save_writes_a_hugging_face_student_with_save_pretrained(tmp_path, tiny_teacher_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    student = AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    folder = kdforge.Distiller(None, student, objectives=["ce"]).save(tmp_path / "hf", tokenizer=tokenizer)
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(["a fine film", "dull"], padding=True, return_tensors="pt")
+    torch.testing.assert_close(loaded(**batch).logits, student.eval()(**batch).logits)

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from kdforge.api import Distiller, distill, evaluate, finetune, search, study  # noqa: E402
+from kdforge.api import Distiller, distill, evaluate, finetune, load_student_weights, search, study  # noqa: E402
 from kdforge.errors import KDForgeError  # noqa: E402
 
-__all__ = ["Distiller", "KDForgeError", "distill", "evaluate", "finetune", "search", "study", "__version__"]
+__all__ = ["Distiller", "KDForgeError", "distill", "evaluate", "finetune", "load_student_weights", "search", "study",
+           "__version__"]

@@ -6,8 +6,10 @@
 
     distiller = kdforge.Distiller(teacher, student, objectives=[
         {"name": "ce", "weight": 0.5}, {"name": "hinton_kd", "weight": 0.5, "temperature": 4}])
-    distiller.fit(train_loader, eval_loader, epochs=3)
-    distiller.evaluate(eval_loader)            # {"accuracy": ...}
+    distiller.fit(train_loader, val_loader, epochs=3)   # the best epoch is kept on val_loader
+    distiller.evaluate(test_loader)            # {"accuracy": ...}
+    distiller.report(test_loader)              # teacher vs student: score, ECE, size, latency, ONNX/int8
+    distiller.save("my-student")               # save_pretrained, or model.safetensors + the class path
 
     kdforge.Distiller({"a": t1, "b": t2}, student, objectives=["ce"], strategy="multi_teacher",
                       strategy_params={"weighting": "average"})   # any registered strategy, by name
@@ -16,6 +18,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from kdforge import jobs
 from kdforge.config import (
     PRIMARY_TEACHER,
     STUDENT,
+    EvalConfig,
     JobConfig,
     ObjectiveConfig,
     StageConfig,
@@ -46,6 +51,8 @@ from kdforge.engine.predict import predict
 from kdforge.engine.step import TrainStep
 from kdforge.engine.trainer import Trainer, TrainState, check_parts, make_accelerator, seed_everything
 from kdforge.errors import KDForgeError
+from kdforge.evaluation.size import count_parameters
+from kdforge.io import read_json
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel
 from kdforge.objectives.base import Objective
@@ -53,6 +60,8 @@ from kdforge.objectives.composite import Term, WeightedLoss
 from kdforge.recipes.base import StageContext, StageData, Strategy
 from kdforge.recipes.catalog import strategy_for
 from kdforge.tasks.metrics import accuracy
+
+log = logging.getLogger("kdforge")
 
 
 def _config(config: str | Path | dict | JobConfig, overrides) -> JobConfig:
@@ -132,18 +141,27 @@ def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("
     return WeightedLoss.from_config(objective_terms(objectives), teachers)
 
 
+def as_batch(batch: Any) -> dict:
+    """A collated batch as kdforge's dict: ``(x, y)`` becomes ``{"inputs": x, "labels": y}``; dicts pass
+    through."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    inputs, labels = batch
+    return {"inputs": inputs, "labels": labels}
+
+
 class _AsBatch:
-    """Collate wrapper: ``(x, y)`` samples become ``{"inputs": x, "labels": y}``; dicts pass through."""
+    """Collate wrapper: the loader's ``collate_fn``, then :func:`as_batch`."""
 
     def __init__(self, collate_fn: Callable):
         self.collate_fn = collate_fn
 
     def __call__(self, samples: list) -> dict:
-        batch = self.collate_fn(samples)
-        if isinstance(batch, dict):
-            return batch
-        inputs, labels = batch
-        return {"inputs": inputs, "labels": labels}
+        return as_batch(self.collate_fn(samples))
+
+
+def describe_loader(loader: DataLoader, what: str) -> str:
+    return f"{what} ({len(loader.dataset)} rows)"
 
 
 Metric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
@@ -236,6 +254,7 @@ class Distiller:
         self.metric = metric
         self.main_metric = main_metric
         self.state: TrainState | None = None
+        self._selection: DataLoader | None = None  # the eval_loader fit kept its best epoch on
 
     @property
     def student(self) -> nn.Module:
@@ -270,7 +289,11 @@ class Distiller:
         The loader's ``batch_size``, ``shuffle`` (a ``RandomSampler``) and ``drop_last`` are honoured, and a
         ``SubsetRandomSampler`` trains on its rows only; kdforge draws the batches itself (seeded per epoch,
         so ``resume`` continues exactly). A sampler it cannot reproduce (``WeightedRandomSampler``, a custom
-        ``batch_sampler``...) is refused in one line rather than replaced."""
+        ``batch_sampler``...) is refused in one line rather than replaced.
+
+        ``eval_loader`` is the *selection* split: each epoch is scored on it and the best epoch kept, so a
+        score reported on the same loader is optimistic; pass a validation loader here and report on a
+        held-out one (:meth:`report` says which was which)."""
         default_logging()  # each epoch's metrics and the kept epoch, also outside a terminal
         dataset, batching = loader_batching(train_loader)
         config = TrainConfig(**{**batching, **train_settings})
@@ -287,6 +310,9 @@ class Distiller:
         evaluate = None
         if eval_loader is not None:
             evaluate = lambda adapter: self._score(adapter, eval_loader, accelerator.device)
+            self._selection = eval_loader
+            log.info("Distiller.fit keeps the epoch that scores best on %s: report on a held-out loader, a score "
+                     "on that one is optimistic", describe_loader(eval_loader, "the eval_loader"))
         trainer = Trainer(self.module, train_data, collate, config, self.output_dir, evaluate,
                           self.main_metric if evaluate else None, callbacks=callbacks, accelerator=accelerator,
                           desc="distill")
@@ -309,3 +335,82 @@ class Distiller:
     def predict(self, loader: DataLoader) -> np.ndarray:
         return predict(self._learner(), loader.dataset, _AsBatch(loader.collate_fn),
                        loader.batch_size or 64, next(self.student.parameters()).device)[0]
+
+    def save(self, path: str | Path, tokenizer: Any = None) -> Path:
+        """Write the student in its natural format into folder ``path`` (atomically) and return it: a Hugging
+        Face model with ``save_pretrained`` (and ``tokenizer``'s, when given), so ``AutoModel*.from_pretrained``
+        loads it; any other module as ``model.safetensors`` (its state dict) and ``kdforge_module.json``
+        naming its class: rebuild the module, then :func:`load_student_weights`."""
+        from safetensors.torch import save_model
+
+        from kdforge.io import staged_folder
+        from kdforge.models.saving import write_pretrained
+
+        student, path = self.student, Path(path)
+        if LoadedModel(student).is_hf:
+            return write_pretrained(path, student, tokenizer)
+        with staged_folder(path) as staging:
+            save_model(student, str(staging / "model.safetensors"))
+            cls = type(student)
+            (staging / MODULE_META).write_text(json.dumps(
+                {"class": f"{cls.__module__}:{cls.__qualname__}", "parameters": count_parameters(student)}, indent=2))
+        return path
+
+    def report(self, eval_loader: DataLoader, example_inputs: Any = None, output_dir: str | Path | None = None,
+               onnx: bool = True, eval_config: EvalConfig | None = None):
+        """Teacher beside student on ``eval_loader``, the report a CLI run gets
+        (:func:`kdforge.evaluation.module_report.report_modules`): the metric, ECE, the majority-class
+        baseline (fitted to the labels of :meth:`fit`'s loader), parameters, size, latency timed interleaved
+        on ``example_inputs`` (a tensor or a dict of model inputs; default: the loader's first batch), and
+        the ONNX fp32 / int8 forms where the modules export. Runs on the CPU (the modules are moved there).
+        Writes ``report.html`` and ``metrics.json`` into ``output_dir`` (default ``<output_dir>/report``);
+        returns a :class:`~kdforge.evaluation.module_report.ModuleReport` (``.table`` prints it)."""
+        from kdforge.evaluation.module_report import report_modules
+        from kdforge.provenance import collect_provenance
+
+        if not self.teachers:
+            raise KDForgeError("Distiller.report compares the teacher with the student, and this Distiller has "
+                               "no teacher; use Distiller.evaluate(loader) for the student alone")
+        teacher = self.teachers.get(PRIMARY_TEACHER) or next(iter(self.teachers.values()))
+        example = next(iter(eval_loader)) if example_inputs is None else \
+            dict(example_inputs) if isinstance(example_inputs, Mapping) else {"inputs": example_inputs}
+        collate = _AsBatch(eval_loader.collate_fn)
+        reported = describe_loader(eval_loader, "the loader given to report")
+        selected = None if self._selection is None else describe_loader(self._selection, "the eval_loader of fit")
+        if self._selection is not None and self._selection.dataset is eval_loader.dataset:
+            reported = selected
+        provenance = {**collect_provenance(_api_config(self.stage), function="Distiller"),
+                      "command": "kdforge.Distiller(...).report(...) in your script"}
+        return report_modules(
+            teacher.to("cpu"), self.student.to("cpu"), ModelAdapter,
+            lambda adapter: predict(adapter, eval_loader.dataset, collate, eval_loader.batch_size or 64, "cpu"),
+            self.metric, self.main_metric, as_batch(example), self._train_labels(),
+            Path(output_dir or self.output_dir / "report"), eval_config or EvalConfig(), onnx,
+            self.state.history if self.state else None, selected, reported, provenance)
+
+    def _train_labels(self) -> np.ndarray | None:
+        """The labels :meth:`fit` trained on (for the majority-class baseline), or None before a fit."""
+        if self._data is None:
+            return None
+        _, data, collate = self._data
+        batches = DataLoader(data, batch_size=256, collate_fn=collate)
+        return torch.cat([torch.as_tensor(batch["labels"]).reshape(-1) for batch in batches]).numpy()
+
+
+MODULE_META = "kdforge_module.json"  # beside a plain module's model.safetensors (Distiller.save)
+
+
+def load_student_weights(path: str | Path, module: nn.Module) -> nn.Module:
+    """Load the weights :meth:`Distiller.save` wrote for a plain module into ``module`` (built like the
+    saved one; its class must be the one named in ``kdforge_module.json``) and return it. Reads safetensors
+    only: nothing is unpickled."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    meta = read_json(path / MODULE_META, f"save the student with Distiller.save({str(path)!r}) first")
+    cls = type(module)
+    if meta.get("class") != f"{cls.__module__}:{cls.__qualname__}":
+        raise KDForgeError(f"{path} holds a {meta.get('class')}, not a {cls.__module__}:{cls.__qualname__}; build "
+                           "the module the student was saved from")
+    load_model(module, str(path / "model.safetensors"))
+    return module

@@ -110,15 +110,17 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def export_onnx(loaded: LoadedModel, path: Path, opset: int = 18, seq_len: int = 16,
-                image_size: int = 32) -> Path:
+                image_size: int = 32, example: torch.Tensor | None = None) -> Path:
     """Write ``loaded.model`` to ``path`` as ONNX (opset ``opset``, fp32) and return the path.
 
     ``seq_len`` / ``image_size`` only size the example input the exporter traces with; the file takes
-    any batch size and sequence length (image height and width). The model is exported in eval mode
-    on its own device; the train/eval flag of every submodule is restored afterwards. The file is
-    written to a temporary name in the same folder and renamed over ``path`` (atomic): a failed
-    export leaves a previous file untouched. Unsupported models (a causal LM, a plain module that
-    is not an image net, over 2 GB) raise one-line :class:`KDForgeError`."""
+    any batch size and sequence length (image height and width). ``example``: a plain module's input
+    tensor (any shape, e.g. a user's own net); the file then takes any batch size and that example's
+    other sizes. The model is exported in eval mode on its own device; the train/eval flag of every
+    submodule is restored afterwards. The file is written to a temporary name in the same folder and
+    renamed over ``path`` (atomic): a failed export leaves a previous file untouched. Unsupported models
+    (a causal LM, a plain module that is not an image net and has no ``example``, over 2 GB) raise
+    one-line :class:`KDForgeError`."""
     path = Path(path)
     _check_supported(loaded)
     model = loaded.model
@@ -129,14 +131,18 @@ def export_onnx(loaded: LoadedModel, path: Path, opset: int = 18, seq_len: int =
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dynamic_shapes: dict = {name: {0: batch, 1: sequence} for name in kwargs}
     else:
-        channels = _in_channels(model, _model_name(loaded))
         wrapper = model
         parameter = next(iter(inspect.signature(model.forward).parameters))
-        generator = torch.Generator().manual_seed(0)
-        example = torch.randn((EXAMPLE_BATCH, channels, image_size, image_size), generator=generator)
+        batch = torch.export.Dim("batch")
+        if example is None:
+            channels = _in_channels(model, _model_name(loaded))
+            generator = torch.Generator().manual_seed(0)
+            example = torch.randn((EXAMPLE_BATCH, channels, image_size, image_size), generator=generator)
+            dynamic_shapes = {parameter: {0: batch, 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}}
+        else:  # the user's own input: any batch size (>= 2 to trace: sizes 0 and 1 are specialised)
+            example = torch.cat([example] * EXAMPLE_BATCH)[:EXAMPLE_BATCH]
+            dynamic_shapes = {parameter: {0: batch}}
         kwargs = {parameter: example.to(device)}
-        dims = torch.export.Dim("batch"), torch.export.Dim("height"), torch.export.Dim("width")
-        dynamic_shapes = {parameter: {0: dims[0], 2: dims[1], 3: dims[2]}}
     input_names = list(kwargs) if loaded.is_hf else ["pixel_values"]
     modes = [(module, module.training) for module in model.modules()]
     torch_onnx_log = logging.getLogger("torch.onnx")
