@@ -133,14 +133,19 @@ def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("
 
 
 class _AsBatch:
-    """Collate wrapper: ``(x, y)`` samples become ``{"inputs": x, "labels": y}``; dicts pass through."""
+    """Collate wrapper: ``(x, y)`` samples become ``{"inputs": x, "labels": y}``; mappings (a ``BatchEncoding``
+    too) become dicts, their ``label`` (a Hugging Face dataset's column name) renamed ``labels`` when they have
+    no ``labels``."""
 
     def __init__(self, collate_fn: Callable):
         self.collate_fn = collate_fn
 
     def __call__(self, samples: list) -> dict:
         batch = self.collate_fn(samples)
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
+            batch = dict(batch)
+            if "labels" not in batch and "label" in batch:
+                batch["labels"] = batch.pop("label")
             return batch
         inputs, labels = batch
         return {"inputs": inputs, "labels": labels}
