@@ -142,10 +142,14 @@ def build_loss(objectives: Sequence[ObjectiveSpec], teachers: Sequence[str] = ("
 
 
 def as_batch(batch: Any) -> dict:
-    """A collated batch as kdforge's dict: ``(x, y)`` becomes ``{"inputs": x, "labels": y}``; dicts pass
-    through."""
+    """A collated batch as kdforge's dict: ``(x, y)`` becomes ``{"inputs": x, "labels": y}``; mappings (a
+    ``BatchEncoding`` too) become dicts, their ``label`` (a Hugging Face dataset's column name) renamed
+    ``labels`` when they have no ``labels``."""
     if isinstance(batch, Mapping):
-        return dict(batch)
+        batch = dict(batch)
+        if "labels" not in batch and "label" in batch:
+            batch["labels"] = batch.pop("label")
+        return batch
     inputs, labels = batch
     return {"inputs": inputs, "labels": labels}
 

@@ -52,15 +52,27 @@ class TaskConfig(Strict):
     """Which data, how it is read and how much of it is used."""
 
     name: str = Field(description="registry name: glue/sst2, glue/mrpc, glue/rte, glue/cola, glue/stsb, "
-                      "csv, jsonl, cifar10, image_folder, digits, lm (causal language modelling)")
+                      "csv, jsonl, hf_dataset (a Hugging Face datasets dataset), cifar10, image_folder, digits, lm "
+                      "(causal language modelling)")
     data_dir: str | None = Field(None, description="folder (or zip for cifar10); default under ../shared/data "
                                  "or $KDFORGE_DATA")
-    train_file: str | None = Field(None, description="csv/jsonl: training file")
-    dev_file: str | None = Field(None, description="csv/jsonl: evaluation file")
-    text_columns: list[str] = Field(default_factory=lambda: ["text"], description="csv/jsonl: 1 or 2 columns")
-    label_column: str = "label"
-    label_names: list[str] | None = Field(None, description="csv/jsonl classification: the label space; "
-                                          "default: sorted distinct training labels")
+    train_file: str | None = Field(None, description="csv/jsonl: training file; hf_dataset: a .csv, .tsv, .json, "
+                                   ".jsonl, .parquet or .arrow file (read by datasets.load_dataset) or a "
+                                   "save_to_disk folder of one Dataset, instead of `train_split` of `dataset`")
+    dev_file: str | None = Field(None, description="csv/jsonl: evaluation file (the reported split); hf_dataset: as "
+                                 "train_file, instead of `dev_split` of `dataset`")
+    dataset: str | None = Field(None, description="hf_dataset: a folder written by datasets' save_to_disk (a "
+                                "DatasetDict, or one Dataset: the train split), or a Hub dataset name; relative "
+                                "paths inside data_dir when set")
+    train_split: str | None = Field(None, description="hf_dataset: the split of `dataset` trained on; default train")
+    dev_split: str | None = Field(None, description="hf_dataset: the split of `dataset` reported on; default "
+                                  "validation or dev, whichever it has")
+    text_columns: list[str] = Field(default_factory=lambda: ["text"], description="csv/jsonl/hf_dataset: 1 or 2 "
+                                    "columns")
+    label_column: str = Field("label", description="csv/jsonl/hf_dataset: the label column (hf_dataset: a "
+                              "ClassLabel column's names are the default label_names)")
+    label_names: list[str] | None = Field(None, description="csv/jsonl/hf_dataset classification: the label "
+                                          "space; default: sorted distinct training labels")
     problem_type: Literal["classification", "regression"] = "classification"
     max_length: PositiveInt = 128
     train_limit: PositiveInt | None = Field(None, description="use a fixed random sample of this many train rows")
@@ -74,7 +86,8 @@ class TaskConfig(Strict):
         "(train_limit 1000 and validation 0.1 give 900 train + 100 validation rows; ceil(fraction x rows) "
         "validation rows, drawn with `sample_seed`, stratified by label for classification when every class "
         "has 2+ rows), which `train` then excludes; or a file in the training file's format (csv/jsonl: like "
-        "task.train_file; glue/*: a TSV laid out like train.tsv; lm: one passage per line; relative paths "
+        "task.train_file; hf_dataset: a split of task.dataset, or a file or folder like task.train_file; glue/*: "
+        "a TSV laid out like train.tsv; lm: one passage per line; relative paths "
         "inside task.data_dir when set), used whole, training rows unchanged. Image tasks take fractions "
         "only. Default: none (selection on the reported split)")
 

@@ -69,7 +69,7 @@ class Task(ABC):
             if self.validation_file_format is None:
                 raise KDForgeError(f"task {config.name} takes `task.validation` as a fraction of its training "
                                    f"rows (e.g. 0.1), not a file ({config.validation!r})")
-            validation_file(config)
+            self.validation_source()
 
     @property
     def name(self) -> str:
@@ -134,6 +134,12 @@ class Task(ABC):
             return self._carve()[0]
         return self._sampled(split)
 
+    def validation_source(self) -> Path | str:
+        """Where the rows of a ``task.validation`` string are, checked to exist (called while the task is built):
+        by default the file :func:`~kdforge.tasks.validation.validation_file` finds; a task that also takes a
+        split name there (``hf_dataset``) overrides it, and :meth:`read_validation_file` reads the source."""
+        return validation_file(self.config)
+
     def read_validation_file(self, path: Path) -> Dataset:
         """The examples of a ``task.validation`` file (tasks with a ``validation_file_format``)."""
         raise KDForgeError(f"task {self.name} cannot read a validation file; give `task.validation` as a fraction")
@@ -157,10 +163,11 @@ class Task(ABC):
         if isinstance(value, float):
             return self._carve()[1]
         if self._validation_data is None:
-            path = validation_file(self.config)
-            data = self.read_validation_file(path)
+            source = self.validation_source()
+            data = self.read_validation_file(source)
             if len(data) == 0:
-                raise KDForgeError(f"validation file {path} holds no rows; fix `task.validation`")
+                kind = "file" if isinstance(source, Path) else "split"
+                raise KDForgeError(f"validation {kind} {source} holds no rows; fix `task.validation`")
             self._validation_data = data
         return self._validation_data
 
@@ -187,10 +194,10 @@ class Task(ABC):
 
     def fingerprint(self) -> str:
         """Identifies the data and preprocessing (used to key caches). Settings added to TaskConfig
-        later (``corpus``, ``validation``) are left out while unset, so existing caches and teachers stay
-        valid."""
+        later (``corpus``, ``validation``, the ``hf_dataset`` keys) are left out while unset, so existing caches
+        and teachers stay valid."""
         settings = self.config.model_dump(mode="json")
-        for late in ("corpus", "validation"):
+        for late in ("corpus", "validation", "dataset", "train_split", "dev_split"):
             if settings.get(late) is None:
                 settings.pop(late, None)
         blob = json.dumps(settings, sort_keys=True)

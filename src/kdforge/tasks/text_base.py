@@ -47,6 +47,12 @@ def open_text(path: Path) -> Iterator[TextIO]:
         raise KDForgeError(message) from None
 
 
+def check_column(name: str, columns: Sequence[str], source: object, fix: str) -> None:
+    """A missing column ``name`` of ``source`` is an error that lists the existing ``columns``."""
+    if name not in columns:
+        raise KDForgeError(f"column {name!r} not found in {source} (columns: {', '.join(map(repr, columns))}); {fix}")
+
+
 @dataclass
 class Table:
     """A delimited file: its column names and its non-blank data rows with their line numbers."""
@@ -57,9 +63,7 @@ class Table:
 
     def column(self, name: str, fix: str) -> int:
         """Index of column ``name``; a missing column is an error that lists the existing ones."""
-        if name not in self.columns:
-            raise KDForgeError(f"column {name!r} not found in {self.path} "
-                               f"(columns: {', '.join(map(repr, self.columns))}); {fix}")
+        check_column(name, self.columns, self.path, fix)
         return self.columns.index(name)
 
     def records(self) -> list[Record]:

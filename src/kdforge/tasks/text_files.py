@@ -29,6 +29,7 @@ from kdforge.tasks.text_base import (
     read_jsonl,
     score,
 )
+from kdforge.tasks.validation import data_path
 
 
 def _label_order(label: str) -> tuple[int, int, str]:
@@ -41,6 +42,8 @@ class FileTask(TextTask):
     """A classification or regression task over the rows of a training and an evaluation file."""
 
     file_kind: ClassVar[str]
+    #: a split's file may be a folder (``hf_dataset``: one written by ``save_to_disk``)
+    reads_folders: ClassVar[bool] = False
 
     @classmethod
     def problem_of(cls, config: TaskConfig) -> Problem:
@@ -54,31 +57,33 @@ class FileTask(TextTask):
         problem = self.problem
         self.metric_names = problem.metrics
         self.main_metric = problem.metrics[0]
-        self._records: dict[str, tuple[Path, list[Record]]] = {}
+        self._records: dict[str, tuple[Path | str, list[Record]]] = {}
         if problem.classes:
             self.label_names = self._label_space()
         self._label_ids = {name: i for i, name in enumerate(self.label_names)}
 
     # ---- files
 
-    def file_path(self, split: str) -> Path:
-        """The configured file of ``split``, checked to exist."""
+    def file_path(self, split: str) -> Path | str:
+        """The configured file of ``split``, checked to exist (the source :meth:`read_records` reads)."""
         key = "train_file" if split == "train" else "dev_file"
         value = getattr(self.config, key)
         if value is None:
             raise KDForgeError(f"task {self.name} needs the {split} {self.file_kind} file; set `task.{key}`")
-        path = Path(value).expanduser()
-        if not path.is_absolute() and self.config.data_dir:
-            path = Path(self.config.data_dir).expanduser() / path
-        if not path.is_file():
+        path = data_path(self.config, value)
+        if not (path.exists() if self.reads_folders else path.is_file()):
             raise KDForgeError(f"{split} file {path} not found; fix `task.{key}`")
         return path
 
     @abstractmethod
-    def read_records(self, path: Path) -> list[Record]:
+    def read_records(self, path: Path | str) -> list[Record]:
         """All rows of the file at ``path`` as ``(line, {column: value})``."""
 
-    def records(self, split: str) -> tuple[Path, list[Record]]:
+    def where(self, line: int, path: Path | str) -> str:
+        """Where a row is, for messages: ``line 3 of data/train.csv``."""
+        return f"line {line} of {path}"
+
+    def records(self, split: str) -> tuple[Path | str, list[Record]]:
         """The raw rows of ``split``, read once (dropped once the split is converted)."""
         if split not in self._records:
             path = self.file_path(split)
@@ -110,12 +115,12 @@ class FileTask(TextTask):
             return names
         path, rows = self.records("train")
         column = self.config.label_column
-        seen = {label_key(self.field(fields, column, f"line {line} of {path}", "task.label_column"))
+        seen = {label_key(self.field(fields, column, self.where(line, path), "task.label_column"))
                 for line, fields in rows}
         return sorted(seen, key=_label_order)
 
-    def example(self, line: int, fields: dict[str, Any], path: Path) -> Example:
-        where = f"line {line} of {path}"
+    def example(self, line: int, fields: dict[str, Any], path: Path | str) -> Example:
+        where = self.where(line, path)
         texts = [self.text(fields, column, where) for column in self.config.text_columns]
         raw = self.field(fields, self.config.label_column, where, "task.label_column")
         if self.problem.classes:
@@ -130,7 +135,7 @@ class FileTask(TextTask):
         del self._records[split]
         return [self.example(line, fields, path) for line, fields in rows]
 
-    def read_file(self, path: Path) -> list[Example]:
+    def read_file(self, path: Path | str) -> list[Example]:
         return [self.example(line, fields, path) for line, fields in self.read_records(path)]
 
 

@@ -84,13 +84,20 @@ def carve_indices(n_rows: int, fraction: float, seed: int,
     return np.sort(train), np.sort(validation)
 
 
+def data_path(config: TaskConfig, value: str) -> Path:
+    """A path the task config names (``task.train_file``, ``task.validation``...): relative paths are taken
+    inside ``task.data_dir`` when it is set."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and config.data_dir:
+        path = Path(config.data_dir).expanduser() / path
+    return path
+
+
 def validation_file(config: TaskConfig) -> Path:
     """The configured validation file, checked to exist (relative paths inside ``task.data_dir`` when it is
     set, as for ``task.train_file``)."""
     assert isinstance(config.validation, str)
-    path = Path(config.validation).expanduser()
-    if not path.is_absolute() and config.data_dir:
-        path = Path(config.data_dir).expanduser() / path
+    path = data_path(config, config.validation)
     if not path.is_file():
         raise KDForgeError(f"validation file {path} not found; fix `task.validation` (a file in the training "
                            "file's format, or a fraction such as 0.1)")
