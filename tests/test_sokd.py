@@ -307,10 +307,11 @@ def test_vision_run_learns_and_resumes_exactly_after_a_kill(tmp_path, digits_tea
 
 def test_text_run_from_a_config_dict(job_tree):
     tree = copy.deepcopy(job_tree)
-    tree["teacher"]["finetune"]["epochs"] = 2
     tree["stages"] = [{"name": "distill", "objectives": [{"name": "ce"}], "strategy": {"name": "sokd"}}]
     result = jobs.run_distill(validate_config(tree))
     history = json.loads((Path(tree["output_dir"]) / "metrics.json").read_text())["history"]
     assert len(history) == 2 and all(f"loss:{n}" in h for h in history for n in ("ce", *TERMS))
     assert all(math.isfinite(h[f"loss:{n}"]) and h[f"loss:{n}"] >= 0 for h in history for n in TERMS)
-    assert "accuracy" in result.student.metrics
+    assert history[1]["loss:ce"] < history[0]["loss:ce"] and history[1]["loss:bridge_ce"] < history[0]["loss:bridge_ce"]
+    # the synthetic task is learnable: a teacher that knows it, and a student that learns it in 2 epochs
+    assert result.teacher.metrics["accuracy"] >= 0.9 and result.student.metrics["accuracy"] >= 0.9
