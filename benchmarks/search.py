@@ -1,21 +1,21 @@
 """Search benchmark (issue 11): KD-NAS vs AutoKD vs random search vs the demo's hand-picked student.
 
-SST-2, the demo's setting: all-MiniLM-L6-v2 fine-tuned on a fixed 4,000-row sample (2 epochs), of
-which 10% (400 rows) are carved off as the validation split every search scores candidates on and
-every final run selects its best epoch on (held out from training); the full dev set (872 rows) is
+SST-2, the demo's setting: a fixed 4,445-row sample of which 445 rows are carved off as the validation
+split every search scores candidates on and every final run selects its best epoch on (held out from
+training), all-MiniLM-L6-v2 fine-tuned on the other 4,000 (2 epochs); the full dev set (872 rows) is
 reported. The teacher is fine-tuned once (``runs/bench-search/teacher``) and shared.
 
 Budget (issue 21: enough trials for a learning controller to differ from random search): per method 60
 trials (AutoKD: 10 random start-up trials, then TPE; KD-NAS: 5 random warm-up episodes, then its reward
 predictor picks the predicted best of 100 unseen candidates, 10% exploration), each candidate distilled
-up to 4 epochs on a fixed 250-row proxy subset of the 3,600 training rows (the config's 0.5 CE + 0.5
+up to 4 epochs on a fixed 250-row proxy subset of the 4,000 training rows (the config's 0.5 CE + 0.5
 Hinton KD, T 4, plus KD-NAS's hidden-state term, the teacher's outputs and hidden states cached; AutoKD's
 successive halving scores candidates after 1, 2 and 4 epochs and keeps the better half at each rung);
 every method searches the architecture only (KD-NAS v1's space: kdforge.search.space defaults, 1-4
 layers, hidden 128-384, head size 32/64, FFN 384-1536), latency at batch 32 and 64 tokens interleaved
 with the teacher (10 rounds), reward = accuracy x (latency / target)^-0.07, target = the teacher's
 latency / 3. The best candidate of each method (``search.final_top``: 1) is then distilled like the
-demo's student (3 epochs on the 3,600 rows, with the terms its proxy ranked it with) and compared with
+demo's student (3 epochs on the 4,000 rows, with the terms its proxy ranked it with) and compared with
 the hand-picked student (teacher layers [0, 5]); all final students are timed again together,
 interleaved in one process (batch 1 and 32, 30 rounds).
 
@@ -66,8 +66,7 @@ INIT_ARCHS = {"L2 H256 d32 F768": {"layers": 2, "hidden_size": 256, "head_dim": 
 
 
 def base_tree() -> dict:
-    tree = load_config(demo_config_path()).model_dump(mode="json")
-    tree["task"]["validation"] = 0.1
+    tree = load_config(demo_config_path()).model_dump(mode="json")  # its validation split included
     tree["train"].update(log_every=1000, trackers=[])
     tree["eval"].update(EVAL)
     tree["export"] = {"onnx": False, "int8": False}
