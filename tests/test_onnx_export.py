@@ -195,3 +195,29 @@ def test_unsupported_models_and_missing_files_are_one_line_errors(tmp_path):
         make_session(target)  # not an ONNX file
     with pytest.raises(KDForgeError, match="does not exist; export it first"):
         quantize_int8(tmp_path / "absent.onnx", tmp_path / "q.onnx")
+
+
+def test_fused_graph_keeps_pytorchs_logits_and_int8_still_runs(text_export, tmp_path, kdlog, monkeypatch):
+    """export.fuse: ONNX Runtime's transformer fusions replace the plain graph only when the logits stay."""
+    import shutil
+
+    from kdforge.deploy import onnx_fusion
+
+    model, tokenizer = text_export["model"], text_export["tokenizer"]
+    path = shutil.copy(text_export["fp32"], tmp_path / "fused.onnx")
+    counts = onnx_fusion.fuse_transformer(path, LoadedModel(model, tokenizer, "tiny"))
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert counts.get("SkipLayerNormalization", 0) >= 4 and "SkipLayerNormalization" in ops  # 2 per layer
+    batch = _text_batch(5, 23, len(tokenizer), seed=5)
+    with torch.no_grad():
+        expected = model(**batch).logits.numpy()
+    np.testing.assert_allclose(_run(make_session(path, threads=1), batch), expected, atol=FP32_ATOL, rtol=0)
+    int8 = quantize_int8(path, tmp_path / "fused.int8.onnx")
+    np.testing.assert_allclose(_run(make_session(int8, threads=1), batch), expected, atol=0.15, rtol=0)
+
+    # fusions that would move the logits are refused: the plain graph stays, byte for byte
+    plain = shutil.copy(text_export["fp32"], tmp_path / "plain.onnx")
+    before = plain.read_bytes()
+    monkeypatch.setattr(onnx_fusion, "FUSION_TOLERANCE", -1.0)
+    assert onnx_fusion.fuse_transformer(plain, LoadedModel(model, tokenizer, "tiny")) == {}
+    assert plain.read_bytes() == before and "the plain graph stays" in kdlog[-1].getMessage()

@@ -284,6 +284,10 @@ class ExportConfig(Strict):
     int8: bool = Field(False, description="also the student as int8 (onnxruntime dynamic quantization); "
                        "needs export.onnx")
     opset: PositiveInt = Field(18, description="ONNX opset version")
+    fuse: bool = Field(True, description="text encoders: ONNX Runtime's transformer fusions (SkipLayerNormalization, "
+                       "BiasGelu) on the fp32 file, kept when the logits agree within 1e-4 "
+                       "(kdforge.deploy.onnx_fusion); the fused file runs in ONNX Runtime only, false keeps a plain "
+                       "ONNX graph")
 
     @model_validator(mode="after")
     def _int8_needs_onnx(self) -> ExportConfig:

@@ -66,7 +66,7 @@ def text_input_names(loaded: LoadedModel) -> list[str]:
     return [name for name in TEXT_INPUTS if name == "input_ids" or (name in wanted and name in accepted)]
 
 
-def _text_example(loaded: LoadedModel, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+def text_example(loaded: LoadedModel, seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     """A seeded (2, seq_len) batch; the second row is padded after half its length, so that the
     exporter sees a mask that is not all ones."""
     config = loaded.model.config
@@ -127,7 +127,7 @@ def export_onnx(loaded: LoadedModel, path: Path, opset: int = 18, seq_len: int =
     device = _device(model)
     if loaded.is_hf:
         wrapper: nn.Module = _TextLogits(model)
-        kwargs = _text_example(loaded, seq_len, device)
+        kwargs = text_example(loaded, seq_len, device)
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
         dynamic_shapes: dict = {name: {0: batch, 1: sequence} for name in kwargs}
     else:

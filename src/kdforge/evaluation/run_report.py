@@ -40,6 +40,7 @@ def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel,
     if not config.export.onnx:
         return {}
     from kdforge.deploy.onnx_export import export_onnx
+    from kdforge.deploy.onnx_fusion import fuse_transformer
     from kdforge.deploy.quantize import quantize_int8
 
     paths = run.onnx_files()
@@ -52,6 +53,8 @@ def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel,
             continue
         log.info("exporting the %s to %s", name.split()[0], paths[name])
         export_onnx(loaded, paths[name], opset=config.export.opset)
+        if config.export.fuse and loaded.is_hf:
+            fuse_transformer(paths[name], loaded)
     if not config.export.int8:
         del paths["student onnx int8"]
         return paths
