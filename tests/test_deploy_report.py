@@ -16,6 +16,8 @@ import torch
 
 from kdforge import cli, jobs
 from kdforge.config import validate_config
+from kdforge.errors import KDForgeError
+from kdforge.evaluation.compare import compare_runs, load_run
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +202,151 @@ def test_the_printed_table_flags_a_noisy_latency_measurement(exported_run):
     assert last.startswith("WARNING: latency noisy: machine load 5.0 on 2 CPUs") and "bench-latency" in last
     saved["latency"].update(noisy=False, noisy_reasons=[])
     assert "WARNING" not in result_table(saved)
+
+
+# --------------------------------------------------------------------------- what the report says (issue 24)
+
+INT8 = "student onnx int8"
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory, sentiment_dir, tiny_teacher_dir) -> Path:
+    """A finished run distilled without ONNX, its latency left at the default length (task.max_length 16)."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    tree = {
+        "task": {"name": "csv", "train_file": str(sentiment_dir / "train.csv"),
+                 "dev_file": str(sentiment_dir / "dev.csv"), "max_length": 16},
+        "teacher": {"model": str(tiny_teacher_dir), "finetune": {"epochs": 3, "lr": 3e-3, "batch_size": 16}},
+        "student": {"layers": [0, 3]},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 0, "device": "cpu"},
+        "eval": {"latency_batch_sizes": [1, 4], "latency_repeats": 2, "latency_warmup": 1},
+        "output_dir": str(out),
+    }
+    jobs.run_distill(validate_config(tree))
+    return out
+
+
+def _row(table: str, name: str) -> list[str]:
+    """The cells of the first row of a plain-text or Markdown table that starts with ``name``."""
+    line = next(line for line in table.splitlines() if line.strip("| ").startswith(f"{name} ")
+                or line.strip("| ").startswith(f"{name}|"))
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _section(markdown: str, heading: str) -> str:
+    return markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_latency_is_timed_at_the_runs_max_length_and_said(plain_run):
+    saved = json.loads((plain_run / "metrics.json").read_text())
+    for name in ("teacher", "student"):
+        assert saved[name]["latency"]["inputs"] == {"seq_len": 16}  # task.max_length, not 64
+    said = "sequence length 16 tokens, batch sizes 1 and 4"
+    assert said in jobs.finished_result(jobs.RunFolder(plain_run)).table
+    assert said in (plain_run / "report.md").read_text() and said in (plain_run / "student/README.md").read_text()
+
+
+def test_a_later_export_shows_in_the_table_the_runs_report_the_card_and_compare(plain_run, tmp_path, capsys):
+    metrics_before = (plain_run / "metrics.json").read_bytes()
+    teacher_vs_student = _section((plain_run / "report.md").read_text(), "Teacher vs student")
+    assert INT8 not in (plain_run / "report.md").read_text()
+    assert cli.main(["export", str(plain_run), "--int8", "--set", "eval.latency_repeats=2"]) == 0
+    printed = capsys.readouterr().out
+    [evaluation] = (plain_run / "evaluations").iterdir()
+    scored = json.loads((evaluation / "metrics.json").read_text())
+    int8 = scored["exports"][INT8]
+    # the printed table: a row per form with score, ECE, params, MB and latency, and its speedup with an interval
+    for name in ("teacher", "student", "teacher onnx fp32", "student onnx fp32", INT8):
+        cells = _row(printed, name)
+        assert len(cells) == 7 and all(c != "n/a" for c in cells[1:]), cells
+    assert _row(printed, INT8)[1] == f"{int8['metrics']['accuracy']:.4f}"
+    speedup = scored["latency"]["speedup"][INT8]["1"]
+    assert f"{speedup['ratio']:.2f}x [{speedup['low']:.2f}-{speedup['high']:.2f}]" in printed
+    # the run's own report: the newest forms first, saying where and when; the training-time results kept
+    report = (plain_run / "report.md").read_text()
+    assert report.index("## Newest measurements") < report.index("## Teacher vs student")
+    newest = _row(_section(report, "Newest measurements"), INT8)
+    assert newest[1] == f"{int8['metrics']['accuracy']:.4f}" and f"{evaluation.relative_to(plain_run)} (" in newest[-1]
+    assert _section(report, "Teacher vs student") == teacher_vs_student
+    assert (plain_run / "metrics.json").read_bytes() == metrics_before
+    assert "Newest measurements" in (plain_run / "report.html").read_text()
+    card = (plain_run / "student/README.md").read_text()
+    assert "student.int8.onnx" in card and "### ONNX and int8" in card
+    # compare: the run's newest forms
+    markdown = compare_runs([plain_run], tmp_path / "cmp")["markdown"].read_text()
+    header, _, row = _section(markdown, "Runs").strip().splitlines()[:3]
+    cells = dict(zip(header.split("|"), row.split("|"), strict=True))
+    assert cells[f" {INT8} b1 (ms) "].strip() == f"{int8['latency']['batch_sizes']['1']['median_ms']:.2f}"
+
+
+def test_a_later_bench_latency_updates_the_latencies_at_its_length(plain_run, capsys):
+    if not (plain_run / "exports" / "student.int8.onnx").is_file():  # this test may run alone
+        assert cli.main(["export", str(plain_run), "--int8", "--set", "eval.latency_repeats=2"]) == 0
+    assert cli.main(["bench-latency", str(plain_run), "--set", "eval.latency_repeats=2",
+                     "--set", "eval.latency_seq_len=8"]) == 0
+    printed = capsys.readouterr().out
+    [folder] = (plain_run / "latency").iterdir()
+    timing = json.loads((folder / "latency.json").read_text())
+    assert {m["inputs"]["seq_len"] for m in timing["models"].values()} == {8}  # an explicit length wins
+    where = folder.relative_to(plain_run).as_posix()
+    median = f"{timing['models'][INT8]['batch_sizes']['1']['median_ms']:.2f}"
+    cells = _row(printed, INT8)
+    assert cells[1] != "n/a" and cells[5] == median  # the export's score beside the new latency
+    assert "sequence length 8 tokens, batch sizes 1 and 4" in printed and f"latency from {where}" in printed
+    newest = _row(_section((plain_run / "report.md").read_text(), "Newest measurements"), INT8)
+    assert newest[5] == median and newest[-1].startswith(f"{where} (")
+    metrics, _ = load_run(plain_run)
+    assert metrics["exports"][INT8]["latency"] == timing["models"][INT8]
+
+
+def test_a_failed_evaluation_leaves_the_runs_report_as_it_was(plain_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = shutil.copytree(plain_run, tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("report.md", "report.html", "metrics.json")}
+
+    def killed(config, task, models, teacher_role, out_dir, *args, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / "report.md").write_text("half")  # what a kill in the middle of an evaluation leaves
+        raise KDForgeError("evaluation failed")
+
+    monkeypatch.setattr(jobs, "evaluate_run", killed)
+    assert cli.main(["eval", str(run)]) == 2
+    assert {name: (run / name).read_bytes() for name in before} == before
+    partial = {f"evaluations/{f.name}" for f in (run / "evaluations").iterdir() if not (f / "metrics.json").exists()}
+    assert partial and not partial & set(load_run(run)[0].get("measured_again", []))  # an incomplete one is not used
+
+
+def test_the_card_of_a_run_says_its_hardware_speedup_and_onnx_files(exported_run):
+    saved, _ = load_run(exported_run)  # its newest numbers: other tests may have measured it again
+    card = (exported_run / "student/README.md").read_text()
+    source, latency = saved["measured"]["student"]["latency"], saved["student"]["latency"]
+    hardware = f"{source['cpu']} ({source['logical_cpus']} logical CPUs), {latency['threads']} torch thread"
+    assert f"on {hardware}" in card
+    for bs, entry in saved["latency"]["speedup"]["student"].items():
+        assert (f"| {bs} | {latency['batch_sizes'][bs]['median_ms']:.2f} | "
+                f"{entry['ratio']:.2f}x [{entry['low']:.2f}-{entry['high']:.2f}] |") in card
+    assert "sequence length 16 tokens" in card and "`student.int8.onnx`" in card and "`student.onnx`" in card
+
+
+def test_the_demo_headline_has_the_int8_student(tmp_path, job_tree, monkeypatch, capsys):
+    import yaml
+
+    from kdforge.config import load_config
+
+    demo = load_config(cli.demo_config_path())
+    assert demo.export.int8 and demo.eval.latency_seq_len is None  # the shipped form; timed at max_length
+    tiny = tmp_path / "demo.yaml"
+    job_tree["train"]["epochs"] = 1
+    tiny.write_text(yaml.safe_dump({**job_tree, "export": {"onnx": True, "int8": True}}))
+    monkeypatch.setattr(cli, "demo_config_path", lambda: str(tiny))
+    assert cli.main(["demo"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((Path(job_tree["output_dir"]) / "metrics.json").read_text())
+    int8 = saved["exports"][INT8]
+    cells = _row(printed, INT8)  # score, ECE, params, MB on disk, latency b1, b4
+    assert cells[1] == f"{int8['metrics']['accuracy']:.4f}" and cells[4] == f"{int8['size_mb']:.2f}"
+    assert cells[5] == f"{int8['latency']['batch_sizes']['1']['median_ms']:.2f}"
+    speedup = [c for c in printed.splitlines() if c.startswith(INT8) and "x [" in c]
+    entry = saved["latency"]["speedup"][INT8]["4"]
+    assert speedup and f"{entry['ratio']:.2f}x [{entry['low']:.2f}-{entry['high']:.2f}]" in speedup[0]

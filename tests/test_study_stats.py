@@ -155,3 +155,25 @@ def test_a_runs_hash_ignores_settings_at_their_defaults_and_accepts_the_older_wr
     written = RunSpec(run.row, run.point, run.seed, {**run.tree, "train": {**run.tree["train"], "momentum": 0.9}})
     by_user = digest({k: v for k, v in written.tree.items() if k != "output_dir"})  # the user wrote momentum
     assert written.matches(by_user)
+
+
+def test_runs_stored_before_the_latency_length_default_changed_are_found(study_tree):
+    """eval.latency_seq_len's default went from 64 tokens to null (the task's max_length): a stored run is
+    found again whether its study left the length unset (kdforge wrote the former default into its tree) or
+    pins the former default (a default then: out of its settings hash)."""
+    from kdforge.study.grid import RunSpec, digest
+
+    del study_tree["base"]["eval"]
+    study, base = load_study({**study_tree, "overrides": {"eval.latency_repeats": 2}})  # fills the eval section
+    run = expand(study, base)[0]
+    assert run.tree["eval"]["latency_seq_len"] is None  # the default now, written out
+    written_then = {k: v for k, v in run.tree.items() if k != "output_dir"}
+    written_then = {**written_then, "eval": {**written_then["eval"], "latency_seq_len": 64}}
+    assert run.matches(digest(written_then))  # the tree as kdforge wrote it before
+    pinned = RunSpec(run.row, run.point, run.seed, {**run.tree, "eval": {**run.tree["eval"], "latency_seq_len": 64}})
+    settings_then = pinned.config().model_dump(mode="json", exclude_defaults=True)
+    settings_then.pop("output_dir")
+    del settings_then["eval"]["latency_seq_len"]
+    assert pinned.config_hash != run.config_hash and pinned.matches(digest(settings_then))
+    other = RunSpec(run.row, run.point, run.seed, {**run.tree, "eval": {**run.tree["eval"], "latency_seq_len": 32}})
+    assert not other.matches(digest(settings_then)) and not other.matches(run.config_hash)

@@ -258,7 +258,9 @@ class EvalConfig(Strict):
     batch_size: PositiveInt = 64
     ece_bins: PositiveInt = 15
     latency_batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 32], min_length=1)
-    latency_seq_len: PositiveInt = 64
+    latency_seq_len: PositiveInt | None = Field(
+        None, description="tokens per text input when timing latency; default (null): the run's own "
+        "task.max_length. Vision tasks time their image size")
     latency_warmup: int = Field(3, ge=0)
     latency_repeats: PositiveInt = Field(20, description="timed rounds per batch size (every model once per round)")
     threads: PositiveInt | None = Field(None, description="torch threads for latency; default: torch's")
@@ -275,6 +277,10 @@ class EvalConfig(Strict):
     ensembles: dict[str, list[str]] = Field(
         default_factory=dict, description="name -> roles: each ensemble (the mean of its members' class "
         "probabilities) is scored beside the models, e.g. born-again's BANE {BANE: [teacher, gen1, student]}")
+
+    def timed_seq_len(self, task: TaskConfig) -> int:
+        """The tokens per text input that latency is timed at: ``latency_seq_len``, else ``task.max_length``."""
+        return self.latency_seq_len or task.max_length
 
 
 class ExportConfig(Strict):

@@ -15,9 +15,12 @@ from kdforge.blackbox.teacher import BlackBoxes
 from kdforge.config import STUDENT, JobConfig, dump_config
 from kdforge.deploy.export import export_model
 from kdforge.errors import KDForgeError
+from kdforge.evaluation.latest import latest_measurements
 from kdforge.evaluation.model_report import ModelReport
 from kdforge.evaluation.run_report import (
     evaluate_run,
+    finetune_records,
+    refresh_run_report,
     result_table,
     write_exports,
     write_metrics,
@@ -140,12 +143,11 @@ def report_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], ru
     provenance = collect_provenance(config, function=function)
     with timer.phase("evaluation"):
         saved = evaluate_run(config, task, models, teacher_role, out.root, history,
-                             {**provenance, "phases": timer.seconds},
-                             {role: run.teacher(role).record for role in config.teacher_configs()}, onnx_files,
+                             {**provenance, "phases": timer.seconds}, finetune_records(config, run), onnx_files,
                              selected)
     saved["provenance"]["phases"] = dict(timer.seconds)
     if function == "distill":
-        write_student_card(config, task, run, saved)
+        write_student_card(config, task, run, latest_measurements(saved, run.root))
     write_metrics(out, saved)
     log.info("results in %s", out.root)
     teacher, student = ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"])
@@ -159,7 +161,9 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
              black_boxes: BlackBoxes | None = None) -> RunResult:
     """Evaluate the teachers, the exported student and the run's ONNX files (those in ``exports/``;
     ``onnx``/``int8`` export them first) of a finished run, written as a new dated evaluation in
-    ``RUN_DIR/evaluations/<date>/``; the run's own report and metrics stay as they are."""
+    ``RUN_DIR/evaluations/<date>/``; then the run's own report and its student's card show the newest
+    measurements (:func:`kdforge.evaluation.run_report.refresh_run_report`; its ``metrics.json`` stays as it is).
+    The result's table: every form this evaluation measured."""
     config, run = RunFolder.open_finished(target, overrides)
     if onnx or int8:
         config = config.model_copy(update={"export": config.export.model_copy(
@@ -174,16 +178,21 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
                 if onnx or int8 else run.existing_onnx_files()
         saved = read_json(run.metrics, f"delete it and run `kdforge eval {run.root}` again") if run.finished else {}
         selected = {"selected_on": saved.get("selected_on")} if saved else None  # where training chose, not now
-        return report_run(config, task, models, run, saved.get("history"), timer, onnx_files, out, "evaluate",
-                          selected)
+        result = report_run(config, task, models, run, saved.get("history"), timer, onnx_files, out, "evaluate",
+                            selected)
+        refresh_run_report(config, task, run)
+        return result
 
 
 def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     """Re-measure the latency of a finished run's teacher, student and ONNX files on this machine
     (interleaved, see :func:`kdforge.evaluation.evaluate.time_forms`); writes ``latency.json`` and
-    ``latency.md`` into ``RUN_DIR/latency/<date>/`` and returns that folder and the table."""
+    ``latency.md`` into ``RUN_DIR/latency/<date>/``, then the run's own report and its student's card show the
+    new latencies (:func:`kdforge.evaluation.run_report.refresh_run_report`). Returns that folder and the
+    table: every form with its newest score and size and the new latency, and where each was measured."""
     from kdforge.evaluation.evaluate import time_forms
     from kdforge.evaluation.latency import describe_latency_noise
+    from kdforge.evaluation.model_report import describe_timing
     from kdforge.evaluation.render import render_markdown
     from kdforge.evaluation.run_report import build_forms, latency_table
 
@@ -199,15 +208,16 @@ def run_bench_latency(target: str | Path, overrides=None) -> tuple[Path, str]:
     provenance = collect_provenance(config, function="bench_latency")
     out = run.new_latency()
     out.root.mkdir(parents=True)
-    atomic_write_json(out.latency_json, {**timing, "provenance": provenance})
     noise = describe_latency_noise(timing)
     headers, rows = latency_table(timing)
-    threads = next(iter(timing["models"].values()))["threads"]
-    lines = [f"seq len {config.eval.latency_seq_len}, threads {threads}, "
-             f"{config.eval.latency_repeats} interleaved rounds; CPU {provenance['cpu']}; {provenance['date']}",
-             *([f"WARNING: {noise}"] if noise else [])]
-    atomic_write_text(out.latency_md, render_markdown([("h1", f"Latency of {run.root}"),
-                                                        ("table", (headers, rows)),
-                                                        *(("p", line) for line in lines)]))
-    table = "\n".join([" | ".join(headers), *(" | ".join(r) for r in rows), *lines])
-    return out.root, table
+    first = next(iter(timing["models"].values()))
+    summary = (f"timed at {describe_timing(first)}, threads {first['threads']}, {config.eval.latency_repeats} "
+               f"interleaved rounds; CPU {provenance['cpu']}; {provenance['date']}")
+    warning = [f"WARNING: {noise}"] if noise else []
+    atomic_write_text(out.latency_md, render_markdown([("h1", f"Latency of {run.root}"), ("table", (headers, rows)),
+                                                        *(("p", line) for line in [summary, *warning])]))
+    atomic_write_json(out.latency_json, {**timing, "provenance": provenance})  # last: marks the measurement complete
+    latest = refresh_run_report(config, task, run)
+    if latest is None:  # a run without its metrics.json: no scores to show beside the new latencies
+        return out.root, "\n".join([" | ".join(headers), *(" | ".join(r) for r in rows), summary, *warning])
+    return out.root, "\n".join([result_table(latest), summary])

@@ -113,7 +113,7 @@ def _lengths(config: JobConfig, command: str) -> list[tuple[str, int]]:
         found.append(("task.corpus.max_length", config.task.corpus.max_length))
     for i, stage in enumerate(config.stages or []):
         found += [(f"stages.{i}.{stage.data}.{key}", n) for key, n in data_source_for(stage, i).input_lengths().items()]
-    if command == "distill":
+    if command == "distill" and config.eval.latency_seq_len is not None:  # else task.max_length, checked above
         found.append(("eval.latency_seq_len", config.eval.latency_seq_len))
     return found
 

@@ -96,6 +96,12 @@ class Results:
         return self.root / "latency.md"
 
 
+def _made(results: Results) -> tuple[str, int]:
+    """When a dated folder of :meth:`RunFolder._dated` was made: its UTC stamp, then its same-second number."""
+    stamp, _, number = results.root.name.partition("Z-")
+    return (stamp.removesuffix("Z"), int(number) if number.isdigit() else 1)
+
+
 class TeacherFolder:
     """A fine-tuned teacher: ``model/`` (its export) and ``finetune.json`` (its fingerprint and training
     history; written last, it marks the teacher finished). Its fine-tuning's checkpoints and trackers go
@@ -196,7 +202,17 @@ class RunFolder(Results):
 
     def latency_measurements(self) -> list[Results]:
         """Every ``kdforge bench-latency`` measurement of the run (``latency/<date>/latency.json``), oldest first."""
-        return [Results(path.parent) for path in sorted(self.root.glob("latency/*/latency.json"))]
+        return sorted((Results(path.parent) for path in self.root.glob("latency/*/latency.json")), key=_made)
+
+    def evaluations(self) -> list[Results]:
+        """Every finished ``kdforge eval`` / ``kdforge export`` of the run (``evaluations/<date>/metrics.json``;
+        one killed before its metrics.json is none), oldest first."""
+        return sorted((Results(path.parent) for path in self.root.glob("evaluations/*/metrics.json")), key=_made)
+
+    def remeasurements(self) -> list[Results]:
+        """The finished evaluations and latency measurements together, oldest first (by their folders' UTC
+        times): an evaluation is :attr:`Results.finished`, a latency measurement holds ``latency.json``."""
+        return sorted([*self.evaluations(), *self.latency_measurements()], key=_made)
 
     def _dated(self, kind: str) -> Results:
         from datetime import UTC, datetime

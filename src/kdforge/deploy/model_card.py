@@ -4,8 +4,10 @@ The card is built with ``huggingface_hub``'s :class:`ModelCard` / :class:`ModelC
 metadata block (``model-index`` eval results, ``pipeline_tag``, ``library_name``, tags, datasets,
 metrics, ``base_model``) and a Markdown body written here (no Jinja template, nothing fetched from
 the Hub): the student's scores beside the teacher's with retention = 100 * student / teacher (the
-formula of kdforge's report and ``kdforge compare``), how it was distilled and how to load it.
-The file is written atomically.
+formula of kdforge's report and ``kdforge compare``); its speed (what it was timed on, the CPU and
+threads, the speedup over the teacher with its 95% interval and the latency-noise warning, all worked out
+by the evaluation: :class:`Deployment`); its deployment forms (ONNX fp32, int8) with
+an onnxruntime snippet; how it was distilled and how to load it. The file is written atomically.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ _HUB_DATASETS: dict[str, tuple[str, str, str | None, str]] = {
 }
 
 _PATH_PLACEHOLDER = "path/to/this/folder"  # in the loading snippets: the folder, or its Hub repo id
+_EXPORTS_PLACEHOLDER = "path/to/exports"  # in the ONNX snippet: the run's exports/ folder
 _VISION_META = "kdforge_model.json"  # written beside a built-in vision net's weights (kdforge.deploy.export)
 
 
@@ -44,15 +48,68 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if _number(value) else "n/a"
 
 
-def _latency_rows(latency_ms: dict | None) -> list[str]:
+@dataclass
+class Deployment:
+    """What the card says about the student's speed and its deployment forms (every field optional), worked
+    out by the evaluation (:func:`kdforge.evaluation.run_report.student_deployment`; this module only lays it out).
+
+    forms:       the student's forms by name (``"student"``, ``"student onnx fp32"``, ``"student onnx int8"``) as
+                 ``metrics.json`` reports (metrics, size_mb, latency).
+    speedups:    per form and batch size, its speedup over the reference with the 95% interval, e.g.
+                 ``{"student": {"1": "2.50x [2.31-2.70]"}}``; reference: what the speedups are over.
+    noise:       the latency-noise line of the measurement (None when it was not noisy).
+    files:       each ONNX form's file by form name, in the run folder's ``exports/``.
+    timed_on:    what was timed, e.g. ``"sequence length 64 tokens, batch sizes 1 and 32"``.
+    hardware:    where, e.g. ``"Intel Xeon ... (2 logical CPUs), 1 torch thread"``.
+    max_length:  text: the tokenizer's truncation length (``task.max_length``) in the ONNX snippet.
+    image_shape: vision: one image's (C, H, W), the ONNX input being (N, C, H, W).
+    """
+
+    forms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    speedups: dict[str, dict[str, str]] = field(default_factory=dict)
+    reference: str = "teacher"
+    noise: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    timed_on: str | None = None
+    hardware: str | None = None
+    max_length: int | None = None
+    image_shape: list[int] | None = None
+
+
+def _latency_rows(latency_ms: dict | None, deployment: Deployment | None = None) -> list[str]:
     """``latency_ms``: {batch size: median milliseconds per call} (or the per-batch-size entries of
-    metrics.json, whose ``median_ms`` is used)."""
+    metrics.json, whose ``median_ms`` is used); with ``deployment``, the speedup over the teacher too."""
     rows = []
     for batch_size, value in (latency_ms or {}).items():
         median = value.get("median_ms") if isinstance(value, dict) else value
         if _number(median):
-            rows.append(f"| {batch_size} | {median:.2f} |")
+            speedup = f" {_speedup(deployment, 'student', batch_size)} |" if deployment else ""
+            rows.append(f"| {batch_size} | {median:.2f} |{speedup}")
     return rows
+
+
+def _speedup(deployment: Deployment, form: str, batch_size: Any) -> str:
+    return deployment.speedups.get(form, {}).get(str(batch_size), "n/a")
+
+
+def _speed(latency_ms: dict | None, deployment: Deployment | None) -> list[str]:
+    """The student's latency per batch size; with ``deployment``: what it was timed on and where, its speedup
+    over the reference with the interval, and the noise warning of the measurement."""
+    rows = _latency_rows(latency_ms, deployment)
+    if not rows:
+        return []
+    if deployment is None:
+        return ["Student latency on the evaluation machine (median milliseconds per call):", "",
+                "| Batch size | Median ms |", "|---|---|", *rows, ""]
+    reference = deployment.reference
+    where = "".join([f", timed at {deployment.timed_on}" if deployment.timed_on else "",
+                     f" on {deployment.hardware}" if deployment.hardware else ""])
+    lines = ["## Speed", "", f"Student latency (median milliseconds per call){where}, measured interleaved with "
+             f"the {reference} in one process:", "",
+             f"| Batch size | Median ms | Speedup over the {reference} [95% CI] |", "|---|---|---|", *rows, "",
+             f"Speedup = {reference} median / student median; the interval is a 95% paired bootstrap over "
+             "measurement rounds.", ""]
+    return lines + ([f"**Warning: {deployment.noise}**", ""] if deployment.noise else [])
 
 
 def _metrics_table(metrics: dict, teacher_metrics: dict, main_metric: str) -> list[str]:
@@ -94,16 +151,61 @@ def _usage(student_dir: Path, pipeline_tag: str, label_names: list[str] | None) 
             f"model = {auto}.from_pretrained(model_path)", "", call, "```"]
 
 
+def _forms_table(deployment: Deployment, main_metric: str) -> list[str]:
+    """The student's forms side by side: file, main metric, MB on disk, median ms and speedup per batch size."""
+    sizes = sorted({int(bs) for report in deployment.forms.values()
+                    for bs in (report.get("latency") or {}).get("batch_sizes", {})})
+    lines = ["| Form | File | " + " | ".join([main_metric, "MB on disk", *(f"b{bs} median ms | b{bs} speedup [95% CI]"
+                                                                              for bs in sizes)]) + " |",
+             "|---" * (4 + 2 * len(sizes)) + "|"]
+    for name, report in deployment.forms.items():
+        per_bs = (report.get("latency") or {}).get("batch_sizes", {})
+        cells = [name, f"`{deployment.files[name]}`" if name in deployment.files else "this folder",
+                 _fmt((report.get("metrics") or {}).get(main_metric)), _fmt(report.get("size_mb"), 1)]
+        for bs in sizes:
+            median = (per_bs.get(str(bs)) or {}).get("median_ms")
+            cells += [_fmt(median, 2), _speedup(deployment, name, bs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _onnx_usage(deployment: Deployment, vision: bool) -> list[str]:
+    """An onnxruntime snippet that runs the int8 file (else the fp32 one): with the tokenizer for text, on an
+    (N, C, H, W) float array for vision."""
+    names = sorted(deployment.files, key=lambda name: "int8" not in name)  # the int8 form first: the one to ship
+    path = f"{_EXPORTS_PLACEHOLDER}/{deployment.files[names[0]]}"
+    others = ", ".join(f"`{deployment.files[n]}` ({n})" for n in names[1:])
+    head = [f"The ONNX files are in the run folder's `exports/` (beside this folder); run "
+            f"`{deployment.files[names[0]]}` ({names[0]}) with onnxruntime on the CPU"
+            f"{f' (or {others})' if others else ''}:", "", "```python",
+            "import numpy as np", "import onnxruntime as ort"]
+    session = f'session = ort.InferenceSession("{path}", providers=["CPUExecutionProvider"])'
+    if vision:
+        shape = ", ".join(map(str, deployment.image_shape or [3, 32, 32]))
+        return [*head, "", session, f"images = np.random.rand(1, {shape}).astype(np.float32)  # (N, C, H, W), "
+                "normalised as in training", "logits = session.run(None, {session.get_inputs()[0].name: images})[0]",
+                "predicted = logits.argmax(-1)", "```"]
+    truncate = f", max_length={deployment.max_length}" if deployment.max_length else ""
+    return [*head, "from transformers import AutoTokenizer", "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{_PATH_PLACEHOLDER}")', session,
+            f'batch = tokenizer(["A sentence to classify."], padding=True, truncation=True{truncate}, '
+            'return_tensors="np")',
+            "feeds = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}",
+            "logits = session.run(None, feeds)[0]", "predicted = logits.argmax(-1)", "```"]
+
+
 def write_model_card(student_dir: Path, *, task_name: str, metrics: dict, teacher_metrics: dict, main_metric: str,
                      teacher_source: str, objectives: list[str], student_description: str, params: int,
                      size_mb: float, latency_ms: dict | None, label_names: list[str] | None,
                      base_model: str | None, command: str | None,
-                     pipeline_tag: str = "text-classification") -> Path:
+                     pipeline_tag: str = "text-classification", deployment: Deployment | None = None) -> Path:
     """Write ``student_dir/README.md``: Hub metadata (one ``model-index`` result per numeric student
-    metric), the student/teacher table with retention, the distillation recipe and loading snippets.
+    metric), the student/teacher table with retention, the student's speed, its deployment forms, the
+    distillation recipe and loading snippets (the ONNX files' too).
 
     ``base_model`` goes into the metadata only when it is a Hub id (a local folder is not one);
-    ``latency_ms`` maps batch sizes to median milliseconds per call."""
+    ``latency_ms`` maps batch sizes to median milliseconds per call; ``deployment``: what the student was
+    timed on and where, its speedup and the ONNX forms (:class:`Deployment`)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     student_dir = Path(student_dir)
@@ -129,18 +231,20 @@ def write_model_card(student_dir: Path, *, task_name: str, metrics: dict, teache
             "## Results", "", *_metrics_table(metrics, teacher_metrics, main_metric), "",
             "Retention = 100 * student / teacher.", "",
             f"Student size: {params / 1e6:.2f} M parameters, {size_mb:.1f} MB.", ""]
-    latency = _latency_rows(latency_ms)
-    if latency:
-        body += ["Student latency on the evaluation machine (median milliseconds per call):", "",
-                 "| Batch size | Median ms |", "|---|---|", *latency, ""]
+    body += _speed(latency_ms, deployment)
+    if deployment is not None and deployment.files:
+        body += ["## Deployment forms", "", *_forms_table(deployment, main_metric), ""]
     body += ["## How it was distilled", "", f"- Teacher: `{teacher_source}`",
              f"- Student: {student_description}",
              f"- Objectives: {', '.join(f'`{o}`' for o in objectives) if objectives else 'n/a'}"]
     if label_names:
         body.append(f"- Labels: {', '.join(f'{i} = `{name}`' for i, name in enumerate(label_names))}")
     if command:
-        body += ["", "Reproduce it with:", "", "```bash", command, "```"]
+        body += ["", "Reproduce it with:", "", f"```{'python' if command.startswith('import ') else 'bash'}", command,
+                 "```"]
     body += ["", "## How to use it", "", *_usage(student_dir, pipeline_tag, label_names), ""]
+    if deployment is not None and deployment.files:
+        body += ["### ONNX and int8", "", *_onnx_usage(deployment, vision), ""]
 
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(body))
     return atomic_write_text(student_dir / "README.md", str(card))

@@ -1,12 +1,13 @@
 """The ``compare`` page: several finished runs of one task side by side, as Markdown and HTML.
 
-For each run folder (``metrics.json`` and ``config.yaml`` written by ``kdforge distill``/``kdforge
-eval``) the page shows one table row: the student's and the teacher's main metric, the retention
-``100 * student / teacher`` in %, the student's ECE, parameters (millions) and size on disk (MB), and
-the median latency per measured batch size of the student and of every exported form (``exports`` in
-``metrics.json``, e.g. ``"student onnx int8"``). A second table lists the config keys (dotted paths,
-list items by index) whose values differ between the runs; ``output_dir`` is left out, it is the run
-folder itself. Last comes the main metric against latency of every run's student and exports, with
+For each run folder (``metrics.json`` and ``config.yaml`` written by ``kdforge distill``), with its newest
+measurements (each later ``kdforge eval`` / ``export`` and ``kdforge bench-latency`` laid over the training
+run's results: :func:`kdforge.evaluation.latest.latest_measurements`), the page shows one table row: the
+student's and the teacher's main metric, the retention ``100 * student / teacher`` in %, the student's ECE,
+parameters (millions) and size on disk (MB), and the median latency per measured batch size of the student
+and of every exported form (``exports``, e.g. ``"student onnx int8"``). A second table lists the config
+keys (dotted paths, list items by index) whose values differ between the runs; ``output_dir`` is left out,
+it is the run folder itself. Last comes the main metric against latency of every run's student and exports, with
 their Pareto front (:func:`kdforge.evaluation.plots.pareto_front`).
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 import yaml
 
 from kdforge.errors import KDForgeError
-from kdforge.evaluation.model_report import finite_number, fmt
+from kdforge.evaluation.latest import latest_measurements, measured_lines
+from kdforge.evaluation.model_report import describe_timing, finite_number, fmt
 from kdforge.evaluation.plots import score_latency_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_text, read_json
@@ -42,7 +44,8 @@ def _finish_hint(run_dir: Path) -> str:
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(metrics, config)`` of one run folder, or one :class:`KDForgeError` line naming the folder."""
+    """``(metrics, config)`` of one run folder, the metrics with its newest measurements
+    (:func:`kdforge.evaluation.latest.latest_measurements`), or one :class:`KDForgeError` line naming the folder."""
     run = RunFolder(run_dir)
     run_dir = run.root
     if not run_dir.is_dir():
@@ -61,23 +64,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                            f"{_finish_hint(run_dir)}") from None
     if not isinstance(config, dict):
         raise KDForgeError(f"{path} does not hold a YAML mapping; {_finish_hint(run_dir)}")
-    return with_latest_latency(metrics, run_dir), config
-
-
-def with_latest_latency(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """``metrics`` with each model's latency from the run's newest ``kdforge bench-latency`` measurement
-    (``latency/<date>/latency.json``) when there is one (``metrics["latency_from"]`` names it)."""
-    measured = RunFolder(run_dir).latency_measurements()
-    if not measured:
-        return metrics
-    latest = measured[-1]
-    timing = read_json(latest.latency_json, f"delete {latest.root} or run `kdforge bench-latency {run_dir}` again")
-    reports = {"teacher": metrics["teacher"], "student": metrics["student"], **(metrics.get("exports") or {})}
-    for name, report in reports.items():
-        if name in timing.get("models", {}):
-            report["latency"] = timing["models"][name]
-    metrics["latency_from"] = str(latest.root.relative_to(run_dir))
-    return metrics
+    return latest_measurements(metrics, run_dir), config
 
 
 # --------------------------------------------------------------------------- numbers
@@ -136,6 +123,20 @@ def runs_table(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> tuple[l
         row += [fmt(_latency_entry(own.get(form), bs).get("median_ms")) for form in forms for bs in batch_sizes]
         rows.append(row)
     return headers, rows
+
+
+def timing_blocks(labels: Sequence[str], runs: Sequence[dict[str, Any]]) -> list[Block]:
+    """What the students were timed on (:func:`kdforge.evaluation.model_report.describe_timing`): one line when
+    every run was timed alike, else a warning naming each run's (latencies on other inputs do not compare)."""
+    timed = {label: describe_timing(m["student"].get("latency")) for label, m in zip(labels, runs, strict=True)}
+    kinds = set(filter(None, timed.values()))
+    if len(kinds) == 1:
+        return [("p", f"Latency timed at {kinds.pop()}.")]
+    if not kinds:
+        return []
+    each = "; ".join(f"{label}: {what or 'not recorded'}" for label, what in timed.items())
+    return [("warning", f"the runs were timed on different inputs ({each}): their latencies do not compare; "
+                        "re-time them alike with `kdforge bench-latency RUN_DIR --set eval.latency_seq_len=N`")]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -249,8 +250,10 @@ def compare_runs(run_dirs: Sequence[Path], out: Path) -> dict[str, Path]:
         ("table", runs_table(labels, runs)),
         ("p", f"retention = 100 * student {metric} / teacher {metric}; latency cells are median milliseconds "
               "per call at the batch size b; n/a: not measured."),
-        *(("p", f"{label}: latency from its newest `kdforge bench-latency` measurement ({m['latency_from']}).")
-          for label, m in zip(labels, runs, strict=True) if m.get("latency_from")),
+        *(("p", f"{label}: each form's newest measurements (later `kdforge eval`, `export`, `bench-latency`): "
+                f"{'; '.join(measured_lines(m))}.")
+          for label, m in zip(labels, runs, strict=True) if m.get("measured_again")),
+        *timing_blocks(labels, runs),
         ("h2", "Config differences"),
     ]
     diffs = config_differences(configs)

@@ -39,22 +39,25 @@ class Form:
     tokenizer: Any
     params: int
     size_mb: float
+    inputs: dict[str, Any] | None = None  # what it is timed on: {"seq_len": n} or {"image_shape": [c, h, w]}
 
 
-def input_maker(loaded: LoadedModel, task, config: EvalConfig) -> Callable[[int], Any]:
-    """``make(batch_size)``: a fixed latency input for ``loaded`` (text: ``latency_seq_len`` tokens)."""
+def input_maker(loaded: LoadedModel, task, config: EvalConfig) -> tuple[Callable[[int], Any], dict[str, Any]]:
+    """``make(batch_size)``: a fixed latency input for ``loaded`` (text: :meth:`EvalConfig.timed_seq_len`
+    tokens; images: the task's image size), and what it is: ``{"seq_len": n}`` or ``{"image_shape": [c, h, w]}``."""
     if loaded.tokenizer is not None:
         embeddings = loaded.model.get_input_embeddings() if hasattr(loaded.model, "get_input_embeddings") else None
         rows = getattr(embeddings, "num_embeddings", None)
-        return lambda bs: text_inputs(loaded.tokenizer, bs, config.latency_seq_len, vocab_limit=rows)
+        seq_len = config.timed_seq_len(task.config)
+        return lambda bs: text_inputs(loaded.tokenizer, bs, seq_len, vocab_limit=rows), {"seq_len": seq_len}
     collate = task.collator(None, train=False)
     shape = tuple(collate([task.split(task.eval_split)[0]])["pixel_values"].shape[1:])
-    return lambda bs: image_inputs(bs, shape)
+    return lambda bs: image_inputs(bs, shape), {"image_shape": [int(n) for n in shape]}
 
 
 def pytorch_form(name: str, loaded: LoadedModel, task, config: EvalConfig) -> Form:
     model = loaded.model.to("cpu").eval()
-    make = input_maker(loaded, task, config)
+    make, inputs = input_maker(loaded, task, config)
     prepared: dict[int, Any] = {}
 
     def forward(batch_size: int) -> Any:
@@ -62,7 +65,7 @@ def pytorch_form(name: str, loaded: LoadedModel, task, config: EvalConfig) -> Fo
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
     return Form(name, ModelAdapter(model), forward, loaded.tokenizer, count_parameters(model),
-                size_on_disk_mb(model))
+                size_on_disk_mb(model), inputs)
 
 
 class EnsembleAdapter(nn.Module):
@@ -92,8 +95,9 @@ def onnx_form(name: str, path: Path, loaded: LoadedModel, task, config: EvalConf
     from kdforge.deploy.onnx_runtime import OnnxAdapter, make_session, onnx_forward
 
     session = make_session(path, config.threads or torch.get_num_threads())
-    return Form(name, OnnxAdapter(session), onnx_forward(session, input_maker(loaded, task, config)), loaded.tokenizer,
-                count_parameters(loaded.model), dir_size_mb(path))
+    make, inputs = input_maker(loaded, task, config)
+    return Form(name, OnnxAdapter(session), onnx_forward(session, make), loaded.tokenizer,
+                count_parameters(loaded.model), dir_size_mb(path), inputs)
 
 
 def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
@@ -115,10 +119,14 @@ def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
 
 def time_forms(forms: list[Form], config: EvalConfig) -> dict[str, Any]:
     """Every form timed interleaved (:func:`interleaved_latency`) with the config's batch sizes, warm-up,
-    rounds and threads; the first form is the speedups' reference."""
-    return interleaved_latency({f.name: f.forward for f in forms}, config.latency_batch_sizes,
-                               config.latency_warmup, config.latency_repeats, config.threads,
-                               max_spread=config.latency_max_spread)
+    rounds and threads; the first form is the speedups' reference. Each model's entry also says what it
+    was timed on (``inputs``, see :class:`Form`) and that it was measured ``interleaved``."""
+    timing = interleaved_latency({f.name: f.forward for f in forms}, config.latency_batch_sizes,
+                                 config.latency_warmup, config.latency_repeats, config.threads,
+                                 max_spread=config.latency_max_spread)
+    for form in forms:
+        timing["models"][form.name].update(interleaved=True, **({"inputs": form.inputs} if form.inputs else {}))
+    return timing
 
 
 def evaluate_forms(forms: list[Form], task, data, config: EvalConfig) -> tuple[dict[str, ModelReport], dict]:
@@ -127,5 +135,5 @@ def evaluate_forms(forms: list[Form], task, data, config: EvalConfig) -> tuple[d
     reports = {f.name: score_form(f, task, data, config) for f in forms}
     timing = time_forms(forms, config)
     for name, report in reports.items():
-        report.latency = {**timing["models"][name], "interleaved": True}
+        report.latency = dict(timing["models"][name])
     return reports, timing

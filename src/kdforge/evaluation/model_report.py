@@ -129,16 +129,18 @@ def _latency_header(batch_size: int) -> str:
     return f"latency b{batch_size} (ms)"
 
 
-def comparison_rows(teacher: ModelReport, student: ModelReport,
-                    baseline: ModelReport | None = None) -> list[dict[str, str]]:
-    """Three rows (teacher, student, [baseline,] ``student / teacher``) of display strings, each an ordered
-    dict with the same keys: ``model``, the main metric, the other metrics, ``ECE``,
-    ``params (M)``, ``MB on disk`` and ``latency b<N> (ms)`` per measured batch size.
+def comparison_rows(teacher: ModelReport, student: ModelReport, baseline: ModelReport | None = None,
+                    forms: dict[str, ModelReport] | None = None) -> list[dict[str, str]]:
+    """Rows (teacher, student, [every other form,] [baseline,] ``student / teacher``) of display strings,
+    each an ordered dict with the same keys: ``model``, the main metric, the other metrics, ``ECE``,
+    ``params (M)``, ``MB on disk`` and ``latency b<N> (ms)`` per measured batch size. ``forms``: the
+    deployment forms beside the PyTorch models (``"student onnx int8"``, ...), one row each.
 
     Metrics and ECE have 4 decimals, the other numbers 2; missing values (e.g. ECE of a
     regression model) read ``n/a``. See the module docstring for the ratio row."""
+    others = list((forms or {}).values())
     metrics = _metric_names(teacher, student)
-    sizes = batch_sizes(teacher, student)
+    sizes = batch_sizes(teacher, student, *others)
 
     def model_row(r: ModelReport) -> dict[str, str]:
         row = {"model": r.name}
@@ -155,8 +157,43 @@ def comparison_rows(teacher: ModelReport, student: ModelReport,
     ratio["ECE"] = ""
     ratio["params (M)"] = fmt(summary["params_ratio"], 2, "x")
     ratio["MB on disk"] = fmt(summary["size_ratio"], 2, "x")
-    ratio.update({_latency_header(bs): fmt(summary["speedup"][str(bs)], 2, "x") for bs in sizes})
-    return [model_row(teacher), model_row(student), *([model_row(baseline)] if baseline else []), ratio]
+    ratio.update({_latency_header(bs): fmt(summary["speedup"].get(str(bs)), 2, "x") for bs in sizes})
+    return [model_row(teacher), model_row(student), *map(model_row, others),
+            *([model_row(baseline)] if baseline else []), ratio]
+
+
+def speedup_cell(latency: dict | None, name: str, batch_size: int) -> str:
+    """``"2.50x [2.31-2.70]"``: the speedup of form ``name`` over the reference at ``batch_size`` with its
+    95% interval, from an :func:`kdforge.evaluation.latency.interleaved_latency` result; ``n/a`` if not measured."""
+    entry = ((latency or {}).get("speedup", {}).get(name) or {}).get(str(batch_size))
+    if not entry:
+        return NA
+    return f"{fmt(entry['ratio'])}x [{fmt(entry['low'])}-{fmt(entry['high'])}]"
+
+
+def speedup_table(latency: dict | None, names: list[str], sizes: list[int]) -> tuple[list[str], list[list[str]]]:
+    """One row per form in ``names`` that has a speedup in ``latency``: its speedup over the reference
+    (:func:`speedup_cell`) per batch size; no rows when nothing was timed interleaved."""
+    speedups = (latency or {}).get("speedup") or {}
+    headers = [f"speedup over the {(latency or {}).get('reference', 'teacher')} [95% CI]", *(f"b{bs}" for bs in sizes)]
+    return headers, [[name, *(speedup_cell(latency, name, bs) for bs in sizes)] for name in names if name in speedups]
+
+
+def describe_timing(latency: dict[str, Any] | None) -> str | None:
+    """What a model was timed on, from its latency entry: ``"sequence length 32 tokens, batch sizes 1 and
+    32"`` (text) or ``"images 3x32x32, batch sizes 1 and 32"``; the batch sizes alone when an older
+    measurement did not record its inputs; None when the model was not timed."""
+    sizes = sorted(int(bs) for bs in (latency or {}).get("batch_sizes") or {})
+    if not sizes:
+        return None
+    inputs = (latency or {}).get("inputs") or {}
+    shown = f"{', '.join(map(str, sizes[:-1]))} and {sizes[-1]}" if len(sizes) > 1 else str(sizes[0])
+    batches = f"batch size{'s' if len(sizes) > 1 else ''} {shown}"
+    if "seq_len" in inputs:
+        return f"sequence length {inputs['seq_len']} tokens, {batches}"
+    if "image_shape" in inputs:
+        return f"images {'x'.join(map(str, inputs['image_shape']))}, {batches}"
+    return batches
 
 
 def footer_lines(teacher: ModelReport, student: ModelReport, baseline: ModelReport | None = None) -> list[str]:
@@ -169,9 +206,11 @@ def footer_lines(teacher: ModelReport, student: ModelReport, baseline: ModelRepo
 
     same = describe(teacher) == describe(student)
     threads = describe(teacher) if same else f"teacher {describe(teacher)}, student {describe(student)}"
-    interleaved = "interleaved in one process, " if "interleaved" in (teacher.latency or {}) else ""
+    together = any("interleaved" in (r.latency or {}) for r in (teacher, student))
+    interleaved = "interleaved in one process, " if together else ""
+    timed = describe_timing(student.latency) or describe_timing(teacher.latency)
     return [
-        f"CPU latency ({interleaved}median ms), torch threads: {threads}.",
+        f"CPU latency ({interleaved}median ms{f'; {timed}' if timed else ''}), torch threads: {threads}.",
         *([f"{baseline.name}: the trivial model (the training set's most frequent class; its mean for "
            "regression) on the same split: the floor a model must beat."] if baseline else []),
         f"{RATIO_ROW}: metrics as retention % = 100 × student / teacher (for metrics that can be "
@@ -213,12 +252,18 @@ def selection_line(selected_on: str | None = None, reported_on: str | None = Non
 
 def format_table(teacher: ModelReport, student: ModelReport, selected_on: str | None = None,
                  reported_on: str | None = None, baseline: ModelReport | None = None,
-                 warnings: list[str] | tuple[str, ...] = ()) -> str:
-    """The comparison as plain text: aligned columns (model left, numbers right) and footer lines,
-    ending with :func:`selection_line` when ``selected_on``/``reported_on`` are given."""
+                 warnings: list[str] | tuple[str, ...] = (), forms: dict[str, ModelReport] | None = None,
+                 latency: dict[str, Any] | None = None) -> str:
+    """The comparison as plain text: aligned columns (model left, numbers right; ``forms`` as rows of their
+    own, see :func:`comparison_rows`), then each timed form's speedup over the reference with its interval
+    when ``latency`` (an interleaved measurement) is given, and footer lines, ending with
+    :func:`selection_line` when ``selected_on``/``reported_on`` are given."""
     selection = selection_line(selected_on, reported_on)
+    names = ["student", *(forms or {})]
+    headers, rows = speedup_table(latency, names, batch_sizes(teacher, student, *(forms or {}).values()))
     return "\n".join([*(f"WARNING: {w}" for w in warnings),
-                      _aligned(*as_table(comparison_rows(teacher, student, baseline))),
+                      _aligned(*as_table(comparison_rows(teacher, student, baseline, forms))),
+                      *(["", _aligned(headers, rows), ""] if rows else []),
                       *footer_lines(teacher, student, baseline), *([selection] if selection else [])])
 
 

@@ -1,7 +1,9 @@
 """The run report as a document: ``report.md`` and one self-contained ``report.html`` with the same content.
 
 Sections, in order: warnings (a run that is no better than the trivial baseline, or a model that
-predicts one class for everything, is said at the top); teacher vs student with the majority-class
+predicts one class for everything, is said at the top); the newest measurements when the run was measured
+again after training (``kdforge eval``, ``export``, ``bench-latency``: each form's newest score and latency,
+saying where and when each was measured; :mod:`kdforge.evaluation.latest`); teacher vs student with the majority-class
 baseline and the ``student / teacher`` row; every deployment form (PyTorch, ONNX fp32, ONNX int8)
 with its score, ECE, size and interleaved latency (speedup over the teacher with a 95% interval,
 p90; a noisy measurement is said next to it); the score-vs-latency chart; per-class precision /
@@ -20,17 +22,20 @@ from typing import Any
 import yaml
 
 from kdforge.evaluation.latency import describe_latency_noise
+from kdforge.evaluation.latest import deployment_forms, describe_source, measured_lines
 from kdforge.evaluation.model_report import (
     NA,
     ModelReport,
     as_table,
     batch_sizes,
     comparison_rows,
+    describe_timing,
     fmt,
     footer_lines,
     history_table,
     ratio_of,
     selection_line,
+    speedup_cell,
 )
 from kdforge.evaluation.plots import reliability_png, score_latency_png, training_curves_png
 from kdforge.evaluation.render import Block, render_html, render_markdown
@@ -53,6 +58,8 @@ class Findings:
     provenance: :func:`kdforge.provenance.collect_provenance` plus ``phases`` (wall seconds) and ``data``
                 (rows per split).
     notes:      lines shown under the teacher-vs-student table (e.g. a black-box teacher's queries).
+    latest:     the run's newest measurements (:func:`kdforge.evaluation.latest.latest_measurements`), shown
+                first when it holds any measurement made after training.
     """
 
     baseline: ModelReport | None = None
@@ -63,24 +70,23 @@ class Findings:
     provenance: dict[str, Any] | None = None
     greater_is_better: bool = True
     notes: list[str] = field(default_factory=list)
+    latest: dict[str, Any] | None = None
 
 
-def _speedup_cell(latency: dict | None, name: str, batch_size: int) -> str:
-    entry = ((latency or {}).get("speedup", {}).get(name) or {}).get(str(batch_size))
-    if not entry:
-        return NA
-    return f"{fmt(entry['ratio'])}x [{fmt(entry['low'])}-{fmt(entry['high'])}]"
-
-
-def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: ModelReport) -> tuple[list, list]:
+def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: ModelReport,
+                measured: dict[str, dict[str, Any]] | None = None) -> tuple[list, list]:
     """One row per form: score, retention, ECE, [sharpness,] MB, median and p90 ms and the speedup over
-    the teacher (ratio of medians, 95% paired-bootstrap interval) per batch size."""
+    the teacher (ratio of medians, 95% paired-bootstrap interval) per batch size; with ``measured`` (per form,
+    the sources of :func:`kdforge.evaluation.latest.latest_measurements`), where and when its score and its
+    latency were measured."""
     metric = teacher.main_metric
     sizes = batch_sizes(*forms.values())
     sharp = any(r.sharpness is not None for r in forms.values())
     headers = ["form", metric, "retention", "ECE", *(["sharpness"] if sharp else []), "MB on disk"]
     for bs in sizes:
         headers += [f"b{bs} median (ms)", f"b{bs} p90 (ms)", f"b{bs} speedup [95% CI]"]
+    if measured is not None:
+        headers += ["score measured", "latency measured"]
     rows = []
     for name, r in forms.items():
         retention = ratio_of(r.metrics.get(metric), teacher.metrics.get(metric))
@@ -90,9 +96,32 @@ def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: Mo
             entry = (r.latency or {}).get("batch_sizes", {}).get(str(bs), {})
             row += [fmt(entry.get("median_ms")), fmt(entry.get("p90_ms")),
                     "1.00x (reference)" if name == (latency or {}).get("reference") else
-                    _speedup_cell(latency, name, bs)]
+                    speedup_cell(latency, name, bs)]
+        if measured is not None:
+            row += [describe_source(measured[name][kind]) if name in measured else NA for kind in ("score", "latency")]
         rows.append(row)
     return headers, rows
+
+
+def latest_blocks(latest: dict[str, Any]) -> list[Block]:
+    """The 'Newest measurements' section: every deployment form's newest score and latency (see
+    :mod:`kdforge.evaluation.latest`), where and when each was measured, what it was timed on and the noise."""
+    forms = {name: ModelReport.from_dict(report) for name, report in deployment_forms(latest).items()}
+    timed = describe_timing(forms["student"].latency) or describe_timing(forms["teacher"].latency)
+    reference = latest["latency"].get("reference") or "teacher"
+    blocks: list[Block] = [
+        ("h2", "Newest measurements"),
+        ("p", "This run was measured again after training (kdforge eval, export or bench-latency): each form's "
+              "newest score and latency, with where (a folder of this run) and when each was measured. The "
+              "sections below are the training run's own results, unchanged."),
+        ("table", forms_table(forms, latest["latency"], forms["teacher"], latest["measured"])),
+        *([("p", f"Latency: median ms per call at {timed}; speedup over the {reference} "
+                 "from the measurement that timed the form (95% paired-bootstrap interval).")] if timed else []),
+        *(("p", line) for line in measured_lines(latest)),
+    ]
+    if noise := describe_latency_noise(latest["latency"]):
+        blocks.append(("warning", noise))
+    return blocks
 
 
 def _per_class_blocks(forms: dict[str, ModelReport]) -> list[Block]:
@@ -141,6 +170,8 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
                   images: dict[str, bytes]) -> list[Block]:
     """The report's blocks (see the module docstring); ``images``: PNGs by file name, drawn by the caller."""
     blocks: list[Block] = [("h1", title), *(("warning", line) for line in findings.warnings)]
+    if findings.latest and findings.latest.get("measured_again"):
+        blocks += latest_blocks(findings.latest)
     blocks += [("h2", "Teacher vs student"),
                ("table", as_table(comparison_rows(teacher, student, findings.baseline))),
                *(("p", line) for line in footer_lines(teacher, student, findings.baseline)),

@@ -20,9 +20,17 @@ from typing import Any
 
 from kdforge.blackbox.teacher import stats_line
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, dump_config
+from kdforge.deploy.model_card import Deployment
 from kdforge.evaluation.evaluate import Form, ensemble_form, onnx_form, pytorch_form, score_form, time_forms
 from kdforge.evaluation.latency import describe_latency_noise
-from kdforge.evaluation.model_report import ModelReport, comparison_summary, format_table
+from kdforge.evaluation.latest import deployment_forms, describe_cpu, latest_measurements, measured_lines
+from kdforge.evaluation.model_report import (
+    ModelReport,
+    comparison_summary,
+    describe_timing,
+    format_table,
+    speedup_cell,
+)
 from kdforge.evaluation.run_page import Findings, write_report
 from kdforge.evaluation.sanity import majority_baseline, sanity_warnings
 from kdforge.io import atomic_write_json, read_json
@@ -95,7 +103,7 @@ def score_and_time(forms: list[Form], task: Task, data, config: JobConfig) -> tu
     reports = {f.name: score_form(f, task, data, config.eval) for f in forms}
     timing = time_forms([f for f in forms if f.forward is not None], config.eval)
     for name, report in reports.items():
-        report.latency = {**timing["models"][name], "interleaved": True} if name in timing["models"] else {}
+        report.latency = dict(timing["models"].get(name, {}))
     return reports, timing
 
 
@@ -181,35 +189,54 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
               "reported_on": task.describe_split(task.eval_split)}
     if selected is not None:
         splits["selected_on"] = selected.get("selected_on")
-    provenance = {**provenance, "data": data_sizes(task)}
-    findings = Findings(baseline=baseline, forms=reports, latency=timing, warnings=warnings,
-                        histories=phase_histories(config, history, finetune_records), provenance=provenance,
-                        greater_is_better=task.greater_is_better,
-                        notes=[stats_line(role, stats) for role, stats in black_box.items()])
-    write_report(out_dir, teacher, student, title=f"kdforge: {task.name}", config_yaml=dump_config(config),
-                 history=history, findings=findings, **splits)
+    saved = {"task": task.name, "teacher": teacher.to_dict(), "student": student.to_dict(),
+             "comparison": comparison_summary(teacher, student),
+             "exports": {n: r.to_dict() for n, r in exports.items()},
+             "other_roles": {n: r.to_dict() for n, r in roles.items()},
+             **({"ensembles": {n: r.to_dict() for n, r in ensembles.items()}} if ensembles else {}),
+             "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
+             "latency": {k: v for k, v in timing.items() if k != "models"},
+             **splits, "provenance": {**provenance, "data": data_sizes(task)}, "history": history or [],
+             **({"black_box": black_box} if black_box else {})}
+    write_run_report(out_dir, saved, dump_config(config), phase_histories(config, history, finetune_records),
+                     task.greater_is_better)
     for line in warnings:
         log.warning("WARNING: %s", line)
-    return {"task": task.name, "teacher": teacher.to_dict(), "student": student.to_dict(),
-            "comparison": comparison_summary(teacher, student),
-            "exports": {n: r.to_dict() for n, r in exports.items()},
-            "other_roles": {n: r.to_dict() for n, r in roles.items()},
-            **({"ensembles": {n: r.to_dict() for n, r in ensembles.items()}} if ensembles else {}),
-            "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
-            "latency": {k: v for k, v in timing.items() if k != "models"},
-            **splits, "provenance": provenance, "history": history or [],
-            **({"black_box": black_box} if black_box else {})}
+    return saved
+
+
+def write_run_report(out_dir: Path, saved: dict[str, Any], config_yaml: str, histories: dict[str, list[dict]],
+                     greater_is_better: bool, latest: dict[str, Any] | None = None) -> dict[str, Path]:
+    """The report (:func:`kdforge.evaluation.run_page.write_report`) of ``saved`` (what ``metrics.json`` holds)
+    into ``out_dir``; ``latest`` (:func:`kdforge.evaluation.latest.latest_measurements`) adds the run's newest
+    measurements at the top."""
+    forms = {name: ModelReport.from_dict(report) for name, report in
+             {**deployment_forms(saved), **(saved.get("other_roles") or {}), **(saved.get("ensembles") or {})}.items()}
+    baseline = ModelReport.from_dict(saved["baseline"]) if saved.get("baseline") else None
+    findings = Findings(baseline=baseline, forms=forms, latency=saved.get("latency"),
+                        warnings=list(saved.get("warnings") or []), histories=histories,
+                        provenance=saved.get("provenance"), greater_is_better=greater_is_better,
+                        notes=[stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items()],
+                        latest=latest)
+    return write_report(out_dir, forms["teacher"], forms["student"], title=f"kdforge: {saved['task']}",
+                        config_yaml=config_yaml, history=saved.get("history"), findings=findings,
+                        selected_on=saved.get("selected_on"), reported_on=saved.get("reported_on"))
 
 
 def result_table(saved: dict[str, Any]) -> str:
-    """The plain-text table of a ``metrics.json`` (teacher, student, baseline, sanity warnings first, and
-    the latency-noise warning under the table when the measurement was noisy)."""
+    """The plain-text table of a ``metrics.json`` or of a run's :func:`kdforge.evaluation.latest.latest_measurements`:
+    sanity warnings first, then every deployment form measured (teacher, student, ONNX fp32, ONNX int8: score,
+    size, latency), the baseline, each form's speedup over the teacher with its interval, where each number was
+    measured (after a later measurement), and the latency-noise warning when the measurement was noisy."""
     baseline = saved.get("baseline")
-    table = format_table(ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"]),
-                         saved.get("selected_on"), saved.get("reported_on"),
-                         ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or ())
+    forms = {name: ModelReport.from_dict(report) for name, report in deployment_forms(saved).items()}
+    teacher, student = forms.pop("teacher"), forms.pop("student")
+    table = format_table(teacher, student, saved.get("selected_on"), saved.get("reported_on"),
+                         ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or (),
+                         forms, saved.get("latency"))
     noise = describe_latency_noise(saved["latency"]) if saved.get("latency") else None
-    table = "\n".join([table, *(stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items())])
+    table = "\n".join([table, *(stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items()),
+                       *(measured_lines(saved) if saved.get("measured_again") else [])])
     return f"{table}\nWARNING: {noise}" if noise else table
 
 
@@ -235,8 +262,50 @@ def latency_table(timing: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def write_student_card(config: JobConfig, task: Task, run: RunFolder, saved: dict[str, Any]) -> Path:
-    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.deploy.model_card`)."""
+def finetune_records(config: JobConfig, run: RunFolder) -> dict[str, Path]:
+    """Each teacher's ``finetune.json`` in ``run`` by role (its fine-tuning history, when it was fine-tuned)."""
+    return {role: run.teacher(role).record for role in config.teacher_configs()}
+
+
+def refresh_run_report(config: JobConfig, task: Task, run: RunFolder) -> dict[str, Any] | None:
+    """After a later evaluation or latency measurement of the finished ``run`` (each complete: its file written
+    last): the run's own report rewritten with its newest measurements at the top, the training-time sections
+    as they were, and the student's card with the newest numbers. Returns those newest measurements
+    (:func:`kdforge.evaluation.latest.latest_measurements`), None when the run has no ``metrics.json`` (nothing
+    is written then). ``metrics.json`` itself is never changed; each file is replaced atomically."""
+    if not run.finished:
+        return None
+    saved = read_json(run.metrics, f"run `kdforge eval {run.root}` to measure the run again")
+    latest = latest_measurements(saved, run.root)
+    config_yaml = run.config_file.read_text(encoding="utf-8") if run.config_file.is_file() else dump_config(config)
+    write_run_report(run.root, saved, config_yaml,
+                     phase_histories(config, saved.get("history"), finetune_records(config, run)),
+                     task.greater_is_better, latest)
+    write_student_card(config, task, run, latest)
+    log.info("the run's report (%s) and its student's card show its newest measurements", run.report_html)
+    return latest
+
+
+def student_deployment(task: Task, run: RunFolder, results: dict[str, Any]) -> Deployment:
+    """What the student's card says about its speed and its ONNX forms, from ``results`` (a run's
+    :func:`kdforge.evaluation.latest.latest_measurements`: its newest numbers and where they were measured)."""
+    forms = {name: report for name, report in deployment_forms(results).items()
+             if name == STUDENT or name.startswith(f"{STUDENT} ")}
+    latency, timing = results["student"].get("latency") or {}, results.get("latency") or {}
+    source = ((results.get("measured") or {}).get(STUDENT) or {}).get("latency") or results.get("provenance") or {}
+    speedups = {name: {bs: speedup_cell(timing, name, int(bs)) for bs in (report.get("latency") or {}).get(
+        "batch_sizes", {})} for name, report in forms.items()}
+    return Deployment(forms=forms, speedups=speedups, reference=timing.get("reference") or "teacher",
+                      noise=describe_latency_noise(timing) if timing else None,
+                      files={name: path.name for name, path in run.existing_onnx_files().items() if name in forms},
+                      timed_on=describe_timing(latency), hardware=describe_cpu(source, latency.get("threads")),
+                      max_length=None if task.modality == "image" else task.config.max_length,
+                      image_shape=(latency.get("inputs") or {}).get("image_shape"))
+
+
+def write_student_card(config: JobConfig, task: Task, run: RunFolder, results: dict[str, Any]) -> Path:
+    """``student/README.md``: the Hugging Face model card of the exported student (:mod:`kdforge.deploy.model_card`);
+    ``results``: the run's :func:`kdforge.evaluation.latest.latest_measurements`."""
     from kdforge.deploy.model_card import write_model_card
 
     teacher_spec = config.teacher_configs()[primary_teacher(config)]
@@ -247,10 +316,11 @@ def write_student_card(config: JobConfig, task: Task, run: RunFolder, saved: dic
     pipeline_tag = task.problem.pipeline_tag or (
         "image-classification" if task.modality == "image" else "text-classification")
     return write_model_card(
-        run.student, task_name=task.name, metrics=saved["student"]["metrics"],
-        teacher_metrics=saved["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_source,
+        run.student, task_name=task.name, metrics=results["student"]["metrics"],
+        teacher_metrics=results["teacher"]["metrics"], main_metric=task.main_metric, teacher_source=teacher_source,
         objectives=list(dict.fromkeys(o.name for s in config.all_stages() for o in s.objectives)),
-        student_description=f"built from the teacher ({described})", params=saved["student"]["params"],
-        size_mb=saved["student"]["size_mb"], latency_ms=saved["student"]["latency"].get("batch_sizes"),
+        student_description=f"built from the teacher ({described})", params=results["student"]["params"],
+        size_mb=results["student"]["size_mb"], latency_ms=results["student"]["latency"].get("batch_sizes"),
         label_names=list(task.label_names) or None, base_model=teacher_spec.model,
-        command=saved["provenance"]["command"], pipeline_tag=pipeline_tag)
+        command=results["provenance"]["command"], pipeline_tag=pipeline_tag,
+        deployment=student_deployment(task, run, results))

@@ -55,14 +55,32 @@ class RunSpec:
     def matches(self, stored: str | None) -> bool:
         """Whether ``stored`` (a trial's ``config_hash``) is this run's: as kdforge writes it now, or as
         earlier versions wrote it (the tree as written, the settings added since left out at their
-        defaults)."""
-        return stored is not None and (stored == self.config_hash or stored in self.written_hashes)
+        defaults; the settings before a default changed)."""
+        return stored is not None and (stored == self.config_hash or stored in self.written_hashes
+                                       or stored == self.settings_hash_before_changed_defaults)
+
+    @functools.cached_property
+    def settings_hash_before_changed_defaults(self) -> str:
+        """:attr:`config_hash` as kdforge computed it before the defaults of :data:`CHANGED_DEFAULTS` changed:
+        a setting at its former default was a default then, left out."""
+        settings = self.config().model_dump(mode="json", exclude_defaults=True)
+        settings.pop("output_dir", None)
+        for (section, key), (_, before) in CHANGED_DEFAULTS.items():
+            if isinstance(settings.get(section), dict) and settings[section].get(key, MISSING) == before:
+                del settings[section][key]
+                if not settings[section]:
+                    del settings[section]
+        return digest(settings)
 
     @functools.cached_property
     def written_hashes(self) -> tuple[str, str]:
         """The older hashes: of the tree as written, and of it without the settings added since at their
-        defaults (written out by kdforge when it filled a section, not by the user)."""
+        defaults (written out by kdforge when it filled a section, not by the user). A default that changed
+        since (:data:`CHANGED_DEFAULTS`) written out by kdforge is hashed at its former value, as it was written."""
         tree = {k: copy.deepcopy(v) for k, v in self.tree.items() if k != "output_dir"}
+        for (section, key), (now, before) in CHANGED_DEFAULTS.items():
+            if isinstance(tree.get(section), dict) and tree[section].get(key, MISSING) == now:
+                tree[section][key] = before
         raw = digest(tree)
         for (section, key), default in LATE_DEFAULTS.items():
             if isinstance(tree.get(section), dict) and tree[section].get(key, MISSING) == default:
@@ -75,6 +93,12 @@ MISSING = object()
 # whole section with its defaults): left out of that older hash at their defaults
 LATE_DEFAULTS = {("eval", "ensembles"): {}, ("train", "optimizer"): "adamw", ("train", "momentum"): 0.9,
                  ("train", "shuffle"): True, ("train", "drop_last"): False, ("train", "scheduler"): "linear"}
+# defaults changed after studies stored runs: (section, key) -> (the default now, the default before). A run
+# stored before has the former default in its written tree (kdforge filled the section with it) and left it
+# out of its settings (it was a default): both older hashes are computed as they were then. The run is found
+# again as it was measured (eval.latency_seq_len: it was timed at 64 tokens; a new run of the same config is
+# timed at its task.max_length: pin `eval.latency_seq_len: 64` in a half-finished study to keep its rows alike)
+CHANGED_DEFAULTS = {("eval", "latency_seq_len"): (None, 64)}
 
 
 def digest(settings: dict[str, Any]) -> str:
