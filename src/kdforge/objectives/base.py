@@ -40,6 +40,9 @@ class Objective(nn.Module):
     #: May the term's weight be negative? Only a term whose docstring says what a negative weight
     #: means sets this; for every other term a negative weight maximises the loss (a config error).
     allows_negative_weight: ClassVar[bool] = False
+    #: Does the term read each training example's position (``batch["index"]``, a per-example state)? The
+    #: stage's data is then indexed (kdforge.recipes.teacher_sources.teacher_sources).
+    needs_index: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__()
