@@ -39,7 +39,7 @@ def test_bad_keys_are_one_line_errors(tmp_path, overrides, words):
 
 
 def test_student_needs_exactly_one_source(tmp_path):
-    tree = dict(BASE, student={"layers": [0], "model": "x"})
+    tree = dict(BASE, student={"config": {"hidden_size": 8}, "model": "x"})
     with pytest.raises(KDForgeError, match="exactly one of student.layers"):
         load_config(write(tmp_path, tree))
 
