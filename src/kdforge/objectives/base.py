@@ -60,6 +60,14 @@ class Objective(nn.Module):
         value = getattr(self.params, "temperature", None)
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
+    #: How many training rows :meth:`calibrate` wants to see (0: the term has no calibration).
+    calibration_rows: int = 0
+
+    def calibrate(self, student: nn.Module, teacher: nn.Module | None, batches: list[dict[str, Any]]) -> None:
+        """Called before :meth:`setup` when ``calibration_rows`` > 0, with the first ``calibration_rows``
+        training rows of the stage (in the data's order, so the same for every seed) as collated batches:
+        choose what depends on the data (e.g. hint layers by CKA, kdforge.objectives.hint_points)."""
+
     def hook_paths(self, student: nn.Module, teacher: nn.Module | None) -> tuple[list[str], list[str]]:
         """Module paths whose outputs this term reads from ``Outputs.features``: (student, teacher)."""
         return [], []
