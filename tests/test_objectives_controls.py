@@ -168,3 +168,24 @@ def test_a_term_that_reads_indices_gets_an_indexed_stage_with_a_live_teacher(job
     assert isinstance(sources["teacher"], LiveTeacher)
     batch = indexed.collate([indexed.train_data[i] for i in (3, 7)])
     assert batch["index"].tolist() == [3, 7]
+
+
+def test_the_controls_train_a_student_with_a_live_teacher_on_augmented_images(tmp_path):
+    """Digits (10 classes, random crops: the teacher runs live): the permuted teacher gets each example's index."""
+    import json
+
+    from kdforge import api
+
+    tree = {"task": {"name": "digits", "train_limit": 96, "eval_limit": 64},
+            "teacher": {"model": "vision:small_cnn"}, "student": {"model": "vision:small_cnn"},
+            "objectives": [{"name": "ce", "weight": 0.1}, {"name": "permuted_kd", "weight": 0.45},
+                           {"name": "teacher_confidence_ls", "weight": 0.45}],
+            "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3, "seed": 0, "device": "cpu", "trackers": []},
+            "eval": {"latency_batch_sizes": [1], "latency_repeats": 1, "latency_warmup": 0},
+            "output_dir": str(tmp_path / "run")}
+    result = api.distill(tree)
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    history = saved["history"]
+    logged = [e["loss:permuted_kd"] for e in history if "loss:permuted_kd" in e]
+    assert logged and all(math.isfinite(v) and v > 0 for v in logged), history
+    assert saved["teacher"]["similarity"]["non_target_entropy"] is not None  # ten classes

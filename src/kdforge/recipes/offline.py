@@ -93,9 +93,9 @@ def calibrate_terms(ctx: StageContext, loss: WeightedLoss, teachers: Mapping[str
     """Give each term that calibrates (``Objective.calibration_rows``) the stage's first training rows, in the
     data's order, collated for its teacher without augmentation."""
     for objective, role in zip(loss.objectives, loss.roles, strict=True):
-        rows = min(objective.calibration_rows, len(ctx.data.train))
-        if rows <= 0:
+        if objective.calibration_rows <= 0:
             continue
+        rows = min(objective.calibration_rows, len(ctx.data.train))
         tokenizer = ctx.teachers[role].tokenizer if role in ctx.teachers else ctx.learner.tokenizer
         collate = ctx.data.collator(tokenizer, train=False)
         size = ctx.config.eval.batch_size
