@@ -39,7 +39,7 @@ def test_bad_keys_are_one_line_errors(tmp_path, overrides, words):
 
 
 def test_student_needs_exactly_one_source(tmp_path):
-    tree = dict(BASE, student={"layers": [0], "model": "x"})
+    tree = dict(BASE, student={"config": {"hidden_size": 8}, "model": "x"})
     with pytest.raises(KDForgeError, match="exactly one of student.layers"):
         load_config(write(tmp_path, tree))
 
@@ -84,7 +84,7 @@ def test_example_configs_are_valid():
                                                  "`dev_file`? valid keys here: name, data_dir, train_file, dev_file,"),
     ({"teachers": {"t1": {"model": "y", "finetun": {}}}}, "`teachers.t1.finetun`: this config key does not exist "
                                                          "(did you mean `finetune`? valid keys here: model, black_box, "
-                                                         "finetune)"),
+                                                         "finetune, layers)"),
     ({"trian": {}}, "`trian`: this config key does not exist (did you mean `train`?"),
     ({"eval": {"zzz": 1}}, "`eval.zzz`: this config key does not exist (valid keys here: batch_size,"),
 ])

@@ -99,7 +99,8 @@ def test_sliced_student_bad_config_is_one_line(overrides, words):
 
 def test_student_config_sources():
     assert StudentConfig(layers=[0], config={"hidden_size": 16}).config == {"hidden_size": 16}
-    for bad in ({"model": "x", "config": {}}, {"model": "x", "layers": [0]}, {}):
+    assert StudentConfig(model="x", layers=[0]).layers == [0]  # that model's layers
+    for bad in ({"model": "x", "config": {}}, {"model": "x", "layers": [0], "config": {}}, {}):
         with pytest.raises(ValueError, match="exactly one of student.layers"):
             StudentConfig(**bad)
 

@@ -60,6 +60,9 @@ def test_study_end_to_end(study_tree, one_thread, tmp_path):
     report = json.loads((folder / "study.json").read_text())
     assert report["complete"] and report["teachers"][0]["score"] == next(iter(result.summaries.values()))[
         "teacher"]["accuracy"]
+    teacher = next(iter(result.summaries.values()))["teacher"]  # its similarity information, from its metrics.json
+    assert 0 <= teacher["non_target_mass"] <= 1 and teacher["non_target_entropy"] is None  # two classes
+    assert report["teacher_predictors"] == [] and "grids" not in report  # one teacher, no axes
     shared_folder = Path(next(iter(result.summaries.values()))["run_dir"]).parents[2] / "teachers"
     name = report["teachers"][0]["teacher"]  # as a reader knows it, with its shared folder
     assert name.startswith("teacher: ") and "fine-tuned" in name and any(

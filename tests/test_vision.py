@@ -353,6 +353,14 @@ def test_parameter_counts_match_the_papers(name, published):
     assert count == pytest.approx(published, rel=0.01)
 
 
+# The CIFAR-10 ResNet ladder of the capacity-gap studies: He et al. 2016, Table 6 (0.27M, 0.46M, 0.66M, 0.85M)
+@pytest.mark.parametrize(("name", "published"), [
+    ("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet44", 0.66e6), ("resnet56", 0.85e6)])
+def test_the_cifar10_ladder_matches_he_et_al(name, published):
+    count = sum(p.numel() for p in build_vision_net(name, num_classes=10).parameters())
+    assert count == pytest.approx(published, rel=0.02)
+
+
 def test_unknown_net():
     with pytest.raises(KDForgeError, match="unknown vision net 'resnet9'.*known: resnet110"):
         build_vision_net("resnet9", 10)

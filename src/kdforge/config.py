@@ -157,6 +157,9 @@ class TeacherConfig(Strict):
     black_box: BlackBoxConfig | None = Field(None, description="a teacher seen only through its answers "
                                              "(class probabilities), instead of `model`")
     finetune: FinetuneConfig | None = Field(None, description="fine-tune the teacher on the task first")
+    layers: list[int] | None = Field(None, min_length=1, description="keep only these transformer layers of "
+                                     "`model` (0-based, in this order) before fine-tuning: a shallower teacher "
+                                     "from the same pre-trained model (e.g. [0, 1, 2]); needs `finetune`")
 
     @model_validator(mode="after")
     def _model_or_black_box(self) -> TeacherConfig:
@@ -164,6 +167,9 @@ class TeacherConfig(Strict):
             raise ValueError("set exactly one of `model` and `black_box` for a teacher")
         if self.black_box is not None and self.finetune is not None:
             raise ValueError("a black-box teacher cannot be fine-tuned; remove `finetune` from it")
+        if self.layers is not None and self.finetune is None:
+            raise ValueError("`layers` cuts the teacher's model to fewer layers, which must then learn the task: "
+                             "add `finetune` (e.g. {epochs: 3}) to this teacher")
         return self
 
 
@@ -171,7 +177,9 @@ class StudentConfig(Strict):
     """Where the student comes from: ``layers`` alone (copy these teacher layers), ``config`` alone (a
     fresh model: the teacher's config with these overrides), ``layers`` and ``config`` together (those
     teacher layers with every weight sliced to the config's narrower widths, see
-    :func:`kdforge.models.student.student_sliced`), or ``model`` alone (a model given by the user)."""
+    :func:`kdforge.models.student.student_sliced`), ``model`` alone (a model given by the user), or ``model``
+    and ``layers`` (those layers of the given model: e.g. a pre-trained encoder's, the same student for
+    teachers of every size)."""
 
     layers: list[int] | None = None
     config: dict[str, Any] | None = None
@@ -184,10 +192,10 @@ class StudentConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
         given = [k for k in ("layers", "config", "model") if getattr(self, k) is not None]  # sps adds to any
-        if given not in (["layers"], ["config"], ["model"], ["layers", "config"]):
+        if given not in (["layers"], ["config"], ["model"], ["layers", "config"], ["layers", "model"]):
             raise ValueError("set exactly one of student.layers, student.config, student.model, or student.layers "
-                             "with student.config (teacher layers sliced to the config's widths) "
-                             f"(got {', '.join(given) or 'none'})")
+                             "with student.config (teacher layers sliced to the config's widths) or with "
+                             f"student.model (that model's layers) (got {', '.join(given) or 'none'})")
         return self
 
 

@@ -13,6 +13,7 @@ is a file, a non-classification task, and a student that is not a ``student.mode
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,17 @@ def _check_built(hf_config, causal: bool, lengths: list[tuple[str, int]], what: 
     _check_positions(model, lengths, what)
 
 
+def check_layers(layers: list[int] | None, hf_config, key: str, model_key: str) -> None:
+    """``layers`` (a setting that cuts a model to some of its layers) are layers of the model's config."""
+    depth = getattr(hf_config, "num_hidden_layers", None)
+    if layers is None or depth is None:
+        return
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise KDForgeError(f"{key}: {bad[0]} is not a layer of {model_key}, which has {depth} (indices 0 to "
+                           f"{depth - 1})")
+
+
 def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: bool,
                   lengths: list[tuple[str, int]]) -> None:
     """A student or assistant: its own model, or the teacher's config with ``config`` overrides."""
@@ -148,6 +160,7 @@ def check_learner(learner: StudentConfig, prefix: str, teacher_config, causal: b
             hf_config = _hf_config(learner.model, f"{prefix}.model")
             if hf_config is not None:
                 _check_built(hf_config, causal, lengths, f"{prefix}.model {learner.model!r}", f"{prefix}.model")
+                check_layers(learner.layers, hf_config, f"{prefix}.layers", f"{prefix}.model")
         return
     depth_of_teacher = getattr(teacher_config, "num_hidden_layers", None)
     if learner.layers is not None and depth_of_teacher is not None:
@@ -180,8 +193,12 @@ def check_models(config: JobConfig, command: str) -> None:
             continue
         hf_config = _hf_config(teacher.model, key)
         if hf_config is not None:
-            first_config = first_config or hf_config
             _check_built(hf_config, causal, lengths, f"{key} {teacher.model!r}", key)
+            check_layers(teacher.layers, hf_config, f"{teacher_key(role)}.layers", key)
+            if teacher.layers is not None:  # the students are built from the cut teacher
+                hf_config = copy.deepcopy(hf_config)
+                hf_config.num_hidden_layers = len(teacher.layers)
+            first_config = first_config or hf_config
     if command != "distill":
         return
     learners = {"student": config.student} if config.student is not None else {}

@@ -22,6 +22,7 @@ from kdforge.engine.predict import predict
 from kdforge.evaluation.latency import image_inputs, interleaved_latency, text_inputs
 from kdforge.evaluation.model_report import ModelReport
 from kdforge.evaluation.sanity import per_class_report
+from kdforge.evaluation.similarity import similarity_information
 from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_mb
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel
@@ -101,9 +102,10 @@ def onnx_form(name: str, path: Path, loaded: LoadedModel, task, config: EvalConf
 
 
 def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
-    """Score, ECE, reliability bins and (classification) per-class scores of one form; no latency yet."""
+    """Score, ECE, reliability bins and (classification) per-class scores and the similarity information of
+    its responses (:mod:`kdforge.evaluation.similarity`) of one form; no latency yet."""
     collate = task.collator(form.tokenizer, train=False)
-    per_class = None
+    per_class = similarity = None
     if task.problem.streamed:
         scores = task.evaluate(form.adapter, data, collate, config.batch_size, "cpu", config.ece_bins,
                                f"eval {form.name}")
@@ -112,9 +114,10 @@ def score_form(form: Form, task, data, config: EvalConfig) -> ModelReport:
         scores = task.scores(logits, labels, config.ece_bins)
         if task.problem.classes:
             per_class = per_class_report(logits, labels, list(task.label_names))
+            similarity = similarity_information(logits, labels)
     return ModelReport(name=form.name, metrics=scores.metrics, main_metric=task.main_metric, ece=scores.ece,
                        params=form.params, size_mb=form.size_mb, latency={}, reliability=scores.reliability,
-                       per_class=per_class)
+                       per_class=per_class, similarity=similarity)
 
 
 def time_forms(forms: list[Form], config: EvalConfig) -> dict[str, Any]:

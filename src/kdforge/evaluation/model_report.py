@@ -37,6 +37,8 @@ class ModelReport:
     sharpness:   the top eigenvalue of the training-loss Hessian (``kdforge.evaluation.sharpness``), or ``None``;
                  sharpness_iterations: the power iterations run; sharpness_converged: whether the estimate
                  met ``eval.sharpness_tol`` within ``eval.sharpness_iterations``.
+    similarity:  the similarity information of its responses (``kdforge.evaluation.similarity``;
+                 classification), or ``None``.
     """
 
     name: str
@@ -51,6 +53,7 @@ class ModelReport:
     sharpness: float | None = None
     sharpness_iterations: int | None = None
     sharpness_converged: bool | None = None
+    similarity: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A deep, JSON-serialisable copy of all fields."""

@@ -8,6 +8,9 @@ is copied. The student keeps the teacher's tokenizer.
 
 Sliced initialisation (a narrower, shallower student, as searched by KD-NAS, Trivedi et al. 2023):
 the chosen teacher layers, then every tensor cut to its leading indices (:func:`student_sliced`).
+
+Layers of another model (``student.model`` with ``student.layers``, and ``teacher.layers``): that model cut
+to those layers the same way (:func:`keep_layers`), e.g. one pre-trained student for teachers of any depth.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from kdforge.models.vocab import drop_vocabulary_state
 log = logging.getLogger("kdforge")
 
 
-def student_from_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
-    """A copy of ``teacher`` keeping only the transformer layers ``layers`` (in that order)."""
+def student_from_layers(teacher: nn.Module, layers: list[int], key: str = "student.layers") -> nn.Module:
+    """A copy of ``teacher`` keeping only the transformer layers ``layers`` (in that order); ``key`` names
+    the setting in errors."""
     n = teacher.config.num_hidden_layers
     bad = [i for i in layers if not 0 <= i < n]
     if bad or not layers:
-        raise KDForgeError(f"student.layers {layers} must be a non-empty list of teacher layer indices 0..{n - 1}")
+        raise KDForgeError(f"{key} {layers} must be a non-empty list of layer indices 0..{n - 1} of the model it "
+                           "is cut from")
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
     drop_vocabulary_state(config)  # the student speaks the teacher's vocabulary, even a compressed one
@@ -194,10 +199,21 @@ def compress_student_vocabulary(student: LoadedModel, teacher: LoadedModel, text
     return LoadedModel(model, new_tokenizer, f"{student.source} (vocabulary {len(kept)})")
 
 
+def keep_layers(loaded: LoadedModel, layers: list[int], key: str) -> LoadedModel:
+    """``loaded`` cut to its transformer layers ``layers`` (``key``: the setting, for errors)."""
+    if not is_hf_model(loaded.model):
+        raise KDForgeError(f"{key} cuts a Hugging Face transformer to some of its layers, but {loaded.source} is not "
+                           "one; for vision nets pick a smaller vision:NAME")
+    model = student_from_layers(loaded.model, layers, key)
+    return LoadedModel(model, loaded.tokenizer, f"{loaded.source} layers {layers}", loaded.fresh_head)
+
+
 def build_student(config: StudentConfig, teacher: LoadedModel, task, texts: list[str] | None = None) -> LoadedModel:
     """The student ``config`` asks for; ``texts`` (the training text) are needed for ``vocab_fraction``."""
     if config.model is not None:
         student = load_model(config.model, task, "student.model")
+        if config.layers is not None:
+            student = keep_layers(student, config.layers, "student.layers")
         check_compatible(teacher, student)
     elif not is_hf_model(teacher.model):
         raise KDForgeError("student.layers / student.config need a Hugging Face teacher; "

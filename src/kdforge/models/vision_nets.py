@@ -5,7 +5,7 @@ Written from the papers' architecture descriptions:
 * **CIFAR ResNets** (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, sec. 4.2):
   a 3x3 conv stem, then three stages of ``n`` BasicBlocks on 32x32, 16x16 and 8x8 maps (the first
   block of stages 2 and 3 has stride 2), global average pooling and a linear classifier; depth =
-  6n + 2. ``resnet8/20/32/56/110`` use stage widths (16, 32, 64) after a 16-channel stem. The
+  6n + 2. ``resnet8/14/20/32/44/56/110`` use stage widths (16, 32, 64) after a 16-channel stem. The
   ``x4`` variants of CRD (``resnet8x4``: n = 1, ``resnet32x4``: n = 5) use widths (64, 128, 256) after
   a 32-channel stem. Where a block changes the shape, the shortcut is a 1x1 conv + BN projection
   (the paper's option B, as in the CRD benchmarks).
@@ -184,7 +184,8 @@ class SmallCNN(_Classifier):
         init_weights(self)
 
 
-_CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet56": 56, "resnet110": 110}
+_CIFAR_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56,
+                 "resnet110": 110}
 for _name, _depth in _CIFAR_DEPTHS.items():
     VISION_NETS.register(_name)(partial(CifarResNet, _depth))
 for _name, _depth in {"resnet8x4": 8, "resnet32x4": 32}.items():

@@ -7,6 +7,7 @@ from kdforge.objectives import (  # noqa: F401
     bdkd,
     continuation,
     contrastive,
+    controls,
     ctkd,
     dkd,
     hint,

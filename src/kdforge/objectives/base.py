@@ -40,6 +40,9 @@ class Objective(nn.Module):
     #: May the term's weight be negative? Only a term whose docstring says what a negative weight
     #: means sets this; for every other term a negative weight maximises the loss (a config error).
     allows_negative_weight: ClassVar[bool] = False
+    #: Does the term read each training example's position (``batch["index"]``, a per-example state)? The
+    #: stage's data is then indexed (kdforge.recipes.teacher_sources.teacher_sources).
+    needs_index: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__()
@@ -56,6 +59,14 @@ class Objective(nn.Module):
         Default: the term's ``temperature`` parameter."""
         value = getattr(self.params, "temperature", None)
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    #: How many training rows :meth:`calibrate` wants to see (0: the term has no calibration).
+    calibration_rows: int = 0
+
+    def calibrate(self, student: nn.Module, teacher: nn.Module | None, batches: list[dict[str, Any]]) -> None:
+        """Called before :meth:`setup` when ``calibration_rows`` > 0, with the first ``calibration_rows``
+        training rows of the stage (in the data's order, so the same for every seed) as collated batches:
+        choose what depends on the data (e.g. hint layers by CKA, kdforge.objectives.hint_points)."""
 
     def hook_paths(self, student: nn.Module, teacher: nn.Module | None) -> tuple[list[str], list[str]]:
         """Module paths whose outputs this term reads from ``Outputs.features``: (student, teacher)."""

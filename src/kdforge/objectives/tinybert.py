@@ -36,11 +36,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from kdforge.errors import KDForgeError
@@ -56,6 +56,7 @@ from kdforge.objectives.hint import (
 from kdforge.objectives.logit import _class_logits
 
 LayerMap = list[tuple[NonNegativeInt, NonNegativeInt]] | None
+Pairs = Annotated[list[tuple[NonNegativeInt, NonNegativeInt]], Field(min_length=1)]
 
 
 def block_size(n_student: int, n_teacher: int, objective: str) -> int:
@@ -73,8 +74,11 @@ def block_size(n_student: int, n_teacher: int, objective: str) -> int:
 
 class TinyBERTHiddenParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    layer_map: LayerMap = Field(None, min_length=1, description="[[student, teacher], ...] hidden-state indices "
-                                "(0 = embedding output); default: j -> j * k for j = 0..M")
+    layer_map: Pairs | Literal["cka"] | None = Field(
+        None, description="[[student, teacher], ...] hidden-state indices (0 = embedding output); default: "
+        "j -> j * k for j = 0..M; cka: student layer j -> the j-th of M teacher layers chosen by CKA clustering "
+        "(kdforge.objectives.hint_points) on the stage's first `cka_rows` training rows, embeddings 0 -> 0")
+    cka_rows: PositiveInt = Field(512, description="layer_map cka: the training rows the CKA is computed on")
     shared_projection: bool = Field(False, description="one W for embeddings and layers (the official code's "
                                     "fit_dense) instead of the paper's W_e and W_h")
 
@@ -85,7 +89,9 @@ class TinyBERTHidden(Objective):
 
         L = MSE(E^S W_e, E^T) + sum_{j=1..M} MSE(H^S_j W_h, H^T_{j k})
 
-    over the mapped hidden states (index 0 = embedding output; default map j -> j * k, k = N / M).
+    over the mapped hidden states (index 0 = embedding output; default map j -> j * k, k = N / M;
+    ``layer_map: cka``: j -> the j-th of the M teacher layers that linear-CKA clustering picks, Kornblith et
+    al. 2019, see kdforge.objectives.hint_points, on the stage's first ``cka_rows`` training rows).
     MSE averages over batch x tokens x teacher width; layer terms are summed; teacher detached.
     ``shared_projection: true`` uses W_h for the embeddings too (the official code's ``fit_dense``).
     """
@@ -98,12 +104,28 @@ class TinyBERTHidden(Objective):
         self.layer_map: list[tuple[int, int]] | None = None
         self.proj_embeddings: nn.Linear | None = None
         self.proj_hidden: nn.Linear | None = None
+        self.cka_points: list[int] | None = None
+        self.calibration_rows = self.params.cka_rows if self.params.layer_map == "cka" else 0
+
+    def calibrate(self, student, teacher, batches):
+        """layer_map cka: the M teacher layers (hidden-state indices 1..N) that CKA clustering picks."""
+        from kdforge.objectives.hint_points import hint_points_for
+
+        m, _ = encoder_size(student, "student", "tinybert_hidden")
+        n, _ = encoder_size(teacher, "teacher", "tinybert_hidden")
+        block_size(m, n, "tinybert_hidden")  # one line when the teacher has fewer layers than the student
+        self.cka_points = hint_points_for(teacher, batches, m)
 
     def setup(self, student, teacher):
         m, d_s = encoder_size(student, "student", "tinybert_hidden")
         n, d_t = encoder_size(teacher, "teacher", "tinybert_hidden")
         pairs = self.params.layer_map
-        if pairs is None:
+        if pairs == "cka":
+            if self.cka_points is None:
+                raise KDForgeError("tinybert_hidden layer_map: cka chooses the teacher layers from training rows, "
+                                   "which this strategy does not give its terms; give an explicit layer_map")
+            pairs = [(0, 0), *((j + 1, t) for j, t in enumerate(self.cka_points))]
+        elif pairs is None:
             k = block_size(m, n, "tinybert_hidden")
             pairs = [(j, j * k) for j in range(m + 1)]
         self.layer_map = check_layer_map(pairs, m, n, "hidden-state", "tinybert_hidden")

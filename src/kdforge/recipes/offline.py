@@ -83,9 +83,25 @@ def stage_parts(ctx: StageContext, loss: WeightedLoss | None = None, *,
     loss = ctx.loss() if loss is None else loss
     if setup_teachers is None:
         setup_teachers = {role: model.model for role, model in ctx.teachers.items()}
+    calibrate_terms(ctx, loss, setup_teachers)
     student_paths, teacher_paths = loss.setup(ctx.learner.model, setup_teachers)
     sources = teacher_sources(ctx, loss, teacher_paths, None if roles is None else list(roles), temperatures)
     return StageParts(loss, learner_adapter(ctx, loss, student_paths, **learner_options), sources, teacher_paths)
+
+
+def calibrate_terms(ctx: StageContext, loss: WeightedLoss, teachers: Mapping[str, nn.Module]) -> None:
+    """Give each term that calibrates (``Objective.calibration_rows``) the stage's first training rows, in the
+    data's order, collated for its teacher without augmentation."""
+    for objective, role in zip(loss.objectives, loss.roles, strict=True):
+        if objective.calibration_rows <= 0:
+            continue
+        rows = min(objective.calibration_rows, len(ctx.data.train))
+        tokenizer = ctx.teachers[role].tokenizer if role in ctx.teachers else ctx.learner.tokenizer
+        collate = ctx.data.collator(tokenizer, train=False)
+        size = ctx.config.eval.batch_size
+        batches = [collate([ctx.data.train[i] for i in range(start, min(start + size, rows))])
+                   for start in range(0, rows, size)]
+        objective.calibrate(ctx.learner.model, teachers.get(role) if role is not None else None, batches)
 
 
 @STRATEGIES.register("offline")

@@ -97,7 +97,8 @@ def teacher_sources(ctx: StageContext, loss: WeightedLoss, hook_paths: dict[str,
                     roles: list[str] | None = None, temperatures: Mapping[str, float] | None = None
                     ) -> dict[str, nn.Module]:
     """A source for every teacher role the loss reads (or ``roles``), as the stage's
-    ``teacher_source`` says; wraps the training data with example indices when a cache is used.
+    ``teacher_source`` says; wraps the training data with example indices when a cache is used or a term
+    reads them (``Objective.needs_index``).
     ``temperatures``: the temperature at which the strategy itself reads a role's logits (its cache is
     built for it); default: that of the terms bound to the role (:func:`bound_temperature`)."""
     wanted, sources, temperatures = ctx.stage.teacher_source, {}, temperatures or {}
@@ -116,7 +117,7 @@ def teacher_sources(ctx: StageContext, loss: WeightedLoss, hook_paths: dict[str,
         sources[role] = LiveTeacher(ctx.adapter(ctx.teachers[role], hook_paths=paths,
                                                 hidden_states="hidden_states" in needs,
                                                 attentions="attentions" in needs, teacher=True), ctx.train_teachers)
-    if any(isinstance(s, CachedTeacher) for s in sources.values()):
+    if any(isinstance(s, CachedTeacher) for s in sources.values()) or any(o.needs_index for o in loss.objectives):
         index_examples(ctx)
     return sources
 

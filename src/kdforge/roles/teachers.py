@@ -3,8 +3,8 @@ or its configured model as is; or a black box behind its client.
 
 :func:`find_or_finetune_teacher` is the one function that gives a fine-tuned teacher for a config: it
 looks in a teacher folder (by default the run's ``teacher/`` or ``teachers/<role>/``; any folder, so
-that many runs can share one teacher) for a ``finetune.json`` whose fingerprint (model, data,
-preprocessing, fine-tuning settings and seed) is this config's, and fine-tunes the teacher into that
+that many runs can share one teacher) for a ``finetune.json`` whose fingerprint (model and the layers kept
+of it, data, preprocessing, fine-tuning settings and seed) is this config's, and fine-tunes the teacher into that
 folder only when there is none. A run's own teacher folder is backed by the *teacher store*
 (``$KDFORGE_CACHE/teachers/<key>/``, :func:`teacher_store_key`): a teacher fine-tuned by any earlier
 run with the same key is copied from there instead of fine-tuned again, and a newly fine-tuned one is
@@ -28,6 +28,7 @@ from kdforge.errors import KDForgeError
 from kdforge.io import atomic_write_json, file_lock, read_json
 from kdforge.models.adapter import ModelAdapter
 from kdforge.models.loading import LoadedModel, load_model
+from kdforge.models.student import keep_layers
 from kdforge.objectives.composite import WeightedLoss
 from kdforge.paths import cache_dir
 from kdforge.processes import launch_rank
@@ -57,7 +58,8 @@ def finetune_seed(config: JobConfig, role: str = PRIMARY_TEACHER) -> int:
 def teacher_fingerprint(config: JobConfig, task: Task, role: str = PRIMARY_TEACHER) -> str:
     teacher = config.teacher_configs()[role]
     settings = teacher.finetune.model_dump(exclude={"seed", "store"})  # the seed in effect is keyed below
-    blob = json.dumps({"model": teacher.model, "finetune": settings,
+    layers = {"layers": teacher.layers} if teacher.layers is not None else {}  # absent: earlier keys stay
+    blob = json.dumps({"model": teacher.model, "finetune": settings, **layers,
                        "task": task.fingerprint(), "seed": finetune_seed(config, role)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -119,6 +121,8 @@ def finetune_teacher(config: JobConfig, task: Task, role: str, resume: bool = Fa
     out = teacher_folder(config, role, folder)
     seed_everything(finetune_seed(config, role))
     teacher = load_model(spec.model, task, f"{key}.model")
+    if spec.layers is not None:
+        teacher = keep_layers(teacher, spec.layers, f"{key}.layers")
     ft = spec.finetune
     train_cfg = config.train.model_copy(update={"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size,
                                                 "seed": finetune_seed(config, role)})

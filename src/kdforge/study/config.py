@@ -9,6 +9,7 @@ row and the claims to decide.
       no teacher: {objectives: [{name: ce}]}
       kd: {objectives: [{name: ce, weight: 0.5}, {name: hinton_kd, weight: 0.5, temperature: 4}]}
     axes: {task.train_limit: [2000, 20000]}         # every row at every value (a grid)
+    single_point_rows: []            # rows run at the first axis point only (they read nothing the axes change)
     seeds: [0, 1, 2]                 # train.seed of the student; the teacher is trained once
     baseline: no teacher             # every row is compared with it (default: the first row)
     claims:
@@ -60,6 +61,10 @@ class StudyConfig(Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="settings applied to every run")
     rows: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> settings of that row")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; every row at each")
+    single_point_rows: list[str] = Field(
+        default_factory=list, description="rows whose runs read nothing the axes change (e.g. a student trained "
+        "without the teacher while the axes vary the teacher): run at the first axis point only, and shown (and "
+        "compared) at every point by those runs")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     baseline: str | None = None
     claims: list[ClaimConfig] = Field(default_factory=list)
@@ -88,6 +93,12 @@ class StudyConfig(Strict):
         for key, values in self.axes.items():
             if not values:
                 raise ValueError(f"axes.{key}: give at least one value")
+        for i, row in enumerate(self.single_point_rows):
+            if row not in names:
+                raise ValueError(f"single_point_rows.{i}: {row!r} is not a row ({', '.join(names)})")
+        if self.single_point_rows and not self.axes:
+            raise ValueError("single_point_rows run at the first axis point only, but the study has no `axes`; "
+                             "remove single_point_rows")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct (got {self.seeds})")
         return self

@@ -1,4 +1,5 @@
-"""A study's runs: every row at every axis point with every seed, each a validated job config.
+"""A study's runs: every row at every axis point (a row of ``single_point_rows`` at the first point only)
+with every seed, each a validated job config.
 
 A run's job = the base, the row's settings, the axis values, then ``train.seed`` = the seed and
 ``output_dir`` = ``<study>/runs/<row>/<point>/seed-<seed>``. A teacher's fine-tuning seed is pinned to the
@@ -135,7 +136,8 @@ def expand(study: StudyConfig, base: dict[str, Any]) -> list[RunSpec]:
     runs = []
     folder = Path(study.output_dir) / "runs"
     for row in study.row_names():
-        for point in axis_points(study):
+        points = axis_points(study)
+        for point in points[:1] if row in study.single_point_rows else points:
             label = point_label(point)
             tree = merge(copy.deepcopy(base), study.rows.get(row, {}))
             tree = merge(tree, point)

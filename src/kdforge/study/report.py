@@ -11,16 +11,19 @@ the published effect beside ours; charts of the score against a numeric axis and
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 from kdforge.evaluation.plots import score_by_axis_png, score_latency_png
 from kdforge.evaluation.render import render_html, render_markdown
 from kdforge.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from kdforge.study.config import PublishedScore, StudyConfig
+from kdforge.study.config import PublishedScore, StudyConfig, merge
 from kdforge.study.floors import teacher_floor
-from kdforge.study.grid import RunSpec, differing_settings
+from kdforge.study.grid import RunSpec, axis_points, differing_settings, point_label
+from kdforge.study.heatmap import grid_tables, grids_png, study_grids
 from kdforge.study.stats import HOLDS, UNDECIDED, Interval, paired_difference, t_interval, verdict
+from kdforge.study.teacher_measures import MEASURES, predictor_records
 
 RAW = {"sharpness", "params", "size_mb", "perplexity", "loss"}  # shown as they are; other values in points
 
@@ -71,9 +74,23 @@ class StudyTables:
             self.specs.setdefault((run.point, run.row), run)
             if run.key in summaries:
                 self.cells.setdefault((run.point, run.row), {})[run.seed] = summaries[run.key]
+        self.aliased: set[tuple[str, str]] = set()  # a single-point row's runs, shown at the other points
+        values = {point_label(p): p for p in axis_points(study)}
+        for row in study.single_point_rows:
+            spec = self.specs.get((self.points[0], row)) if self.points else None
+            for point in self.points[1:] if spec is not None else []:
+                tree = merge(copy.deepcopy(spec.tree), values[point])
+                self.specs[(point, row)] = RunSpec(row, point, spec.seed, tree)
+                self.aliased.add((point, row))
+                if (self.points[0], row) in self.cells:
+                    self.cells[(point, row)] = self.cells[(self.points[0], row)]
         first = next(iter(summaries.values()), None)
         self.metric = first["main_metric"] if first else None
         self.greater = first.get("greater_is_better", True) if first else True
+
+    def own_cells(self) -> dict[tuple[str, str], dict[int, dict]]:
+        """The cells of runs made at their point (a single-point row's runs counted once)."""
+        return {key: cell for key, cell in self.cells.items() if key not in self.aliased}
 
     def differs(self, point: str, a: str, b: str) -> list[str]:
         spec_a, spec_b = self.specs[(point, a)], self.specs[(point, b)]
@@ -92,9 +109,10 @@ def teacher_name(spec: RunSpec | None, folder: str) -> str:
     role = next(iter(config.teacher_configs()))
     teacher = config.teacher_configs()[role]
     ft = teacher.finetune
-    trained = f", fine-tuned {ft.epochs} epochs at lr {ft.lr:g}, seed {ft.seed}" if ft else ""
+    trained = f", fine-tuned {ft.epochs} epochs at lr {ft.lr:g}, batch {ft.batch_size}, seed {ft.seed}" if ft else ""
+    layers = f" layers {teacher.layers}" if teacher.layers is not None else ""
     where = f" (folder {folder})" if folder != teacher.model else ""
-    return f"{role}: {teacher.model}{trained}{where}"
+    return f"{role}: {teacher.model}{layers}{trained}{where}"
 
 
 def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], list[str]]:
@@ -119,6 +137,19 @@ def teacher_rows(tables: StudyTables, study: StudyConfig) -> tuple[list[dict], l
             warnings.append(f"This table is not evidence: teacher {name} scores {metric} {score:.4f} on "
                             f"{summary['task']}, below its floor {floor.value:.4f} ({floor.rule}).")
     return out, warnings
+
+
+def number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def predictor_row(record: dict) -> list[str]:
+    """One line of the table "does the measure predict the student's score better than the teacher's score"."""
+    interval = "n/a" if record["low"] is None else f"[{record['low']:+.3f}, {record['high']:+.3f}]"
+    word = record["verdict"] + (f" ({record['why']})" if record["why"] else "")
+    return [record["family"], str(record["teachers"]), MEASURES[record["measure"]],
+            "n/a" if record["rho_score"] is None else f"{record['rho_score']:+.3f}",
+            "n/a" if record["rho_measure"] is None else f"{record['rho_measure']:+.3f}", interval, word]
 
 
 def published_cell(published: PublishedScore, teacher: dict) -> str:
@@ -216,7 +247,7 @@ def charts(tables: StudyTables) -> list[tuple[str, bytes, str]]:
                           if row != base for k in tables.differs(point, row, base))
     if students_differ:
         points = []
-        for (point, row), cell in tables.cells.items():
+        for (point, row), cell in tables.own_cells().items():
             values, latency = seed_values(cell, metric), mean_of(cell, "latency_b32_ms")
             if values and latency:
                 iv = t_interval(list(values.values()))
@@ -257,14 +288,32 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
     blocks.append(("p", budget_line(tables)))
     if teachers:
         published = study.teacher_published
+        measures = [m for m in MEASURES if any(t["scores"].get(m) is not None for t in teachers)]
         blocks += [("h2", "Teachers"), ("table", (
             ["teacher", "task", "metric", "score", "trivial predictor", "floor", "rule", "clears",
-             *(["published"] if published else [])],
+             *(MEASURES[m] for m in measures), *(["published"] if published else [])],
             [[t["teacher"], t["task"], t["metric"], f"{t['score']:.4f}" if t["score"] is not None else "n/a",
               f"{t['baseline']:.4f}" if t["baseline"] is not None else "n/a",
               f"{t['floor']:.4f}" if t["floor"] is not None else "n/a", t["rule"],
               {True: "yes", False: "NO", None: "n/a"}[t["clears"]],
+              *(number(t["scores"].get(m)) for m in measures),
               *([published_cell(published, t)] if published else [])] for t in teachers]))]
+        if measures:
+            blocks.append(("p", "Similarity information of each teacher's responses on the reported split "
+                                "(kdforge.evaluation.similarity): non-target entropy = mean normalised entropy of "
+                                "its probabilities over the wrong classes (1: all alike); confusion rank "
+                                "correlation = Spearman of its mean wrong-class probabilities with its confusion "
+                                "rates over class pairs."))
+    predictors = predictor_records(tables.own_cells(), tables.specs, tables.metric) if tables.metric else []
+    if predictors:
+        blocks += [("h2", "Does a teacher's similarity information predict the student's score?"),
+                   ("p", "Spearman correlation across the teachers of a family of runs (runs that differ in their "
+                         "teacher only) of the student's mean score with the teacher's score and with the measure; "
+                         "the measure predicts better when the paired bootstrap interval of |rho measure| - "
+                         "|rho score| excludes 0 (kdforge.study.teacher_measures)."),
+                   ("table", (["runs", "teachers", "measure", "rho (teacher score)", "rho (measure)",
+                               "|rho m| - |rho s| 95% interval", "the measure predicts better"],
+                              [predictor_row(r) for r in predictors]))]
     records, main_table = [], ""
     for point in tables.points:
         if tables.metric is None:
@@ -273,6 +322,17 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
         records += recs
         blocks += [("h2", f"Rows at {point}" if point else "Rows"), ("table", (headers, rows))]
         main_table = main_table or render_markdown([("table", (headers, rows))])
+    grids = study_grids(study.axes, [r for r in tables.rows if r not in study.single_point_rows],
+                        tables.own_cells(), tables.metric, tables.greater) if tables.metric else None
+    grid_png = None
+    if grids is not None and any(v is not None for grid in grids["rows"].values() for line in grid for v in line):
+        both = f"{grids['axes'][0]} x {grids['axes'][1]}"
+        blocks.append(("h2", f"{both}: the best teacher and the best-teaching teacher"))
+        for title, headers, rows in grid_tables(grids, tables.metric, lambda v: shown(v, tables.metric)):
+            blocks += [("p", title), ("table", (headers, rows))]
+        grid_png = ("study-grid.png", grids_png(grids, tables.metric, lambda v: shown(v, tables.metric)),
+                    f"teacher and student {tables.metric} over {both}")
+        blocks.append(("image", grid_png))
     claims = claim_records(tables) if tables.metric else []
     if claims:
         blocks += [("h2", "Claims"), *(("p", finding(r)) for r in claims)]
@@ -280,11 +340,12 @@ def write_study_report(folder: Path, study: StudyConfig, runs: list[RunSpec], su
     blocks += [("image", (name, png, alt)) for name, png, alt in images]
     blocks.append(("p", f"Storage: {storage}. Resume or extend: kdforge study {folder / 'study-config.yaml'}"))
     report = {"name": folder.name, "complete": not todo, "todo": todo, "teachers": teachers,
-              "evidence": not warnings, "rows": records, "claims": claims, "runs": summaries,
+              "evidence": not warnings, "rows": records, "claims": claims, "teacher_predictors": predictors,
+              **({"grids": grids} if grids is not None else {}), "runs": summaries,
               "seeds": study.seeds, "baseline": study.baseline_row()}
     for target in [folder, *([Path(study.publish_dir)] if study.publish_dir else [])]:
         target.mkdir(parents=True, exist_ok=True)
-        for name, png, _alt in images:
+        for name, png, _alt in [*images, *([grid_png] if grid_png else [])]:
             atomic_write_bytes(target / name, png)
         atomic_write_json(target / "study.json", report)
         atomic_write_text(target / "study.md", render_markdown(blocks))

@@ -231,9 +231,11 @@ def run_study(source: str | Path | dict, overrides=None, workers: int = 1, join:
             config = run.config()
             check_job(config, "distill")
             check_stages(config)
-        log.info("study %s: %d runs (%d rows x %d points x %d seeds), storage %s; %s", study.study_name, len(runs),
-                 len(study_cfg.row_names()), len(runs) // (len(study_cfg.row_names()) * len(study_cfg.seeds)),
-                 len(study_cfg.seeds), storage_url(study_cfg), eta_line(study, runs, time.time()))
+        points = len({r.point for r in runs})
+        single = f", {len(study_cfg.single_point_rows)} of them at one point" if study_cfg.single_point_rows else ""
+        log.info("study %s: %d runs (%d rows%s x %d points x %d seeds), storage %s; %s", study.study_name, len(runs),
+                 len(study_cfg.row_names()), single, points, len(study_cfg.seeds), storage_url(study_cfg),
+                 eta_line(study, runs, time.time()))
         run_with_local_workers("study", config_path, workers, lambda: run_worker(study_cfg, study, runs))
     if join:
         return None

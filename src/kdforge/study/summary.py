@@ -2,7 +2,9 @@
 numbers of the student, the teacher and the trivial baseline, flat by name.
 
 Values by name (:func:`values`): every metric of the model's report (accuracy, f1, mcc, pearson, ...),
-``ece``, ``sharpness``, ``params``, ``size_mb`` and ``latency_b<N>_ms`` (the median at batch size N).
+``ece``, ``sharpness``, ``params``, ``size_mb``, ``latency_b<N>_ms`` (the median at batch size N) and the
+similarity information of its responses (``non_target_entropy``, ``confusion_rank_correlation``,
+``non_target_mass``: :mod:`kdforge.evaluation.similarity`; absent from reports written before it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def values(report: dict[str, Any] | None) -> dict[str, float | None]:
     out: dict[str, float | None] = dict(report.get("metrics") or {})
     out.update(ece=report.get("ece"), sharpness=report.get("sharpness"), params=report.get("params"),
                size_mb=report.get("size_mb"), sharpness_converged=report.get("sharpness_converged"))
+    out.update(report.get("similarity") or {})
     for size, entry in ((report.get("latency") or {}).get("batch_sizes") or {}).items():
         out[f"latency_b{size}_ms"] = entry.get("median_ms")
     return out

@@ -37,9 +37,11 @@ def ensure_shared_teachers(config: JobConfig, task, teachers_dir: Path) -> dict[
 
 
 def with_shared_teachers(tree: dict[str, Any], models: dict[str, Path]) -> dict[str, Any]:
-    """``tree`` with each fine-tuned teacher replaced by its shared folder (no fine-tuning of its own)."""
+    """``tree`` with each fine-tuned teacher replaced by its shared folder (no fine-tuning of its own; the
+    folder holds the model already cut to its ``layers``)."""
     tree = copy.deepcopy(tree)
     sections = {PRIMARY_TEACHER: tree.get("teacher"), **(tree.get("teachers") or {})}
     for role, model in models.items():
         sections[role].update(model=str(model), finetune=None)
+        sections[role].pop("layers", None)
     return tree
