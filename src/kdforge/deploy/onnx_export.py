@@ -145,11 +145,14 @@ def export_onnx(loaded: LoadedModel, path: Path, opset: int = 18, seq_len: int =
         kwargs = {parameter: example.to(device)}
     input_names = list(kwargs) if loaded.is_hf else ["pixel_values"]
     modes = [(module, module.training) for module in model.modules()]
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    log_level = torch_onnx_log.level
+    # the exporter's notices ("torchvision is not installed") and, for a graph it cannot capture, the symbolic
+    # shapes' dump of the graph: the one-line error below says what failed
+    quieted = [logging.getLogger(name) for name in ("torch.onnx", "torch.fx.experimental.symbolic_shapes")]
+    levels = [logger.level for logger in quieted]
     try:
         wrapper.eval()
-        torch_onnx_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices of the exporter
+        for logger in quieted:
+            logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation / axis-naming chatter
             program = torch.onnx.export(wrapper, (), None, kwargs=kwargs, dynamo=True, opset_version=opset,
@@ -162,7 +165,8 @@ def export_onnx(loaded: LoadedModel, path: Path, opset: int = 18, seq_len: int =
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise KDForgeError(f"cannot export {_model_name(loaded)} to ONNX (opset {opset}): {first}") from err
     finally:
-        torch_onnx_log.setLevel(log_level)
+        for logger, level in zip(quieted, levels, strict=True):
+            logger.setLevel(level)
         for module, training in modes:
             module.training = training
     proto.doc_string = f"kdforge export of {_model_name(loaded)}"

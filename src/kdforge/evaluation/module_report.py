@@ -124,16 +124,6 @@ def export_forms(teacher: nn.Module, student: nn.Module, example: dict[str, Any]
     return files, notes
 
 
-def export_line(report: ModelReport, timing: dict[str, Any]) -> str:
-    """One exported form in a line: score, size, latency and speedup over the teacher [95% interval]."""
-    (batch, entry), = report.latency["batch_sizes"].items()
-    speed = timing["speedup"].get(report.name, {}).get(batch)
-    speedup = f", {speed['ratio']:.2f}x the teacher [{speed['low']:.2f}-{speed['high']:.2f}]" if speed else ""
-    return (f"{report.name}: {report.main_metric} {report.metrics[report.main_metric]:.4f}, ECE "
-            f"{'n/a' if report.ece is None else f'{report.ece:.4f}'}, {report.size_mb:.2f} MB, b{batch} "
-            f"{entry['median_ms']:.2f} ms{speedup}")
-
-
 def report_modules(teacher: nn.Module, student: nn.Module, adapter: Callable[[nn.Module], nn.Module],
                    predict: Predict, metric: Metric, main_metric: str, example_batch: dict[str, Any],
                    train_labels: np.ndarray | None, out_dir: Path, config: EvalConfig, onnx: bool = True,
@@ -174,13 +164,14 @@ def report_modules(teacher: nn.Module, student: nn.Module, adapter: Callable[[nn
     write_report(out.root, forms["teacher"], forms["student"], title="kdforge: Distiller report", config_yaml="",
                  history=history, selected_on=selected_on, reported_on=reported_on, findings=findings)
     noise = describe_latency_noise(timing, rerun_hint="Distiller.report again on an idle machine")
-    exported = [export_line(r, timing) for n, r in forms.items() if n not in modules]
-    table = "\n".join([format_table(forms["teacher"], forms["student"], selected_on, reported_on, baseline),
-                       *exported, *notes, *([f"WARNING: {noise}"] if noise else [])])
+    exported = {n: r for n, r in forms.items() if n not in modules}
+    table = "\n".join([format_table(forms["teacher"], forms["student"], selected_on, reported_on, baseline,
+                                    forms=exported, latency=timing),
+                       *notes, *([f"WARNING: {noise}"] if noise else [])])
     atomic_write_json(out.metrics, {
         "teacher": forms["teacher"].to_dict(), "student": forms["student"].to_dict(),
         "comparison": comparison_summary(forms["teacher"], forms["student"]),
-        "exports": {n: r.to_dict() for n, r in forms.items() if n not in modules},
+        "exports": {n: r.to_dict() for n, r in exported.items()},
         "baseline": baseline.to_dict() if baseline else None, "notes": notes,
         "latency": {k: v for k, v in timing.items() if k != "models"}, "selected_on": selected_on,
         "reported_on": reported_on, "provenance": provenance or {}, "history": history or []})
