@@ -44,7 +44,8 @@ def test_config_diff_lists_whole_new_sections_and_round_trips():
     job = validate_config(copy.deepcopy(tree))
     diff = config_diff(job)
     assert diff["task.text_columns"] == ["a", "b"]  # a list, compared and reported whole
-    assert diff["teacher.finetune"] == {"epochs": 1, "lr": 5e-5, "batch_size": 32, "seed": None}  # default None
+    assert diff["teacher.finetune"] == {"epochs": 1, "lr": 5e-5, "batch_size": 32, "seed": None,  # default None
+                                        "store": True}
     assert diff["assistants.ta"]["layers"] == [0, 1, 2]  # a role not in the default: whole
     assert diff["student"]["layers"] == [0, 2] and diff["train.max_grad_norm"] is None
     assert "objectives" not in diff  # the default objectives, unchanged
