@@ -277,6 +277,8 @@ def test_a_later_export_shows_in_the_table_the_runs_report_the_card_and_compare(
     header, _, row = _section(markdown, "Runs").strip().splitlines()[:3]
     cells = dict(zip(header.split("|"), row.split("|"), strict=True))
     assert cells[f" {INT8} b1 (ms) "].strip() == f"{int8['latency']['batch_sizes']['1']['median_ms']:.2f}"
+    # distill --resume on the finished run prints its newest table too, the int8 row included
+    assert _row(jobs.finished_result(jobs.RunFolder(plain_run)).table, INT8)[1] == f"{int8['metrics']['accuracy']:.4f}"
 
 
 def test_a_later_bench_latency_updates_the_latencies_at_its_length(plain_run, capsys):

@@ -183,3 +183,17 @@ def test_the_latency_input_has_the_tasks_length(job_tree, tiny_teacher_dir):
     config.eval.latency_seq_len = 20
     make, inputs = input_maker(loaded, build_task(config.task), config.eval)
     assert inputs == {"seq_len": 20} and tuple(make(2)["input_ids"].shape) == (2, 20)
+
+
+def test_the_run_report_shows_the_similarity_information_of_each_classifier(tmp_path):
+    from kdforge.evaluation.run_page import write_report
+
+    teacher, student = (ModelReport.from_dict(report(name, 0.9, 2.0)) for name in ("teacher", "student"))
+    write_report(tmp_path, teacher, student, "t", "")
+    assert "Similarity information" not in (tmp_path / "report.md").read_text()  # two classes: nothing measured
+    teacher.similarity = {"non_target_entropy": 0.6123, "confusion_rank_correlation": 0.4, "non_target_mass": 0.1}
+    student.similarity = {"non_target_entropy": 0.8, "confusion_rank_correlation": None, "non_target_mass": 0.2}
+    write_report(tmp_path, teacher, student, "t", "")
+    text = (tmp_path / "report.md").read_text()
+    assert "## Similarity information in the responses" in text
+    assert "| teacher | 0.6123 | 0.4000 | 0.1000 |" in text and "| student | 0.8000 | n/a | 0.2000 |" in text

@@ -75,6 +75,7 @@ def finished_result(run: RunFolder) -> RunResult | None:
     fix = f"run `kdforge eval {run.root}` to write it again, or distill again with --overwrite"
     saved = read_json(run.metrics, fix)
     try:
+        saved = latest_measurements(saved, run.root)  # with a later export's or bench-latency's numbers
         teacher, student = ModelReport.from_dict(saved["teacher"]), ModelReport.from_dict(saved["student"])
         return RunResult(run.root, teacher, student, result_table(saved))
     except (KeyError, TypeError):

@@ -142,6 +142,22 @@ def _per_class_blocks(forms: dict[str, ModelReport]) -> list[Block]:
     return blocks
 
 
+def _similarity_blocks(forms: dict[str, ModelReport]) -> list[Block]:
+    """The similarity information of each classifier's responses (:mod:`kdforge.evaluation.similarity`),
+    when measured (3+ classes)."""
+    measured = {name: r.similarity for name, r in forms.items() if r.similarity
+                and r.similarity.get("non_target_entropy") is not None}
+    if not measured:
+        return []
+    keys = ("non_target_entropy", "confusion_rank_correlation", "non_target_mass")
+    rows = [[name, *(fmt(values.get(k), 4) for k in keys)] for name, values in measured.items()]
+    return [("h2", "Similarity information in the responses"), ("table", (["model", *keys], rows)),
+            ("p", "non_target_entropy: mean normalised entropy of the wrong-class probabilities (1: the wrong "
+                  "classes all alike; lower: the model ranks them); confusion_rank_correlation: Spearman "
+                  "correlation of those probabilities with the model's confusions; non_target_mass: mean "
+                  "probability of the wrong classes.")]
+
+
 def _provenance_rows(provenance: dict[str, Any]) -> list[list[str]]:
     versions = provenance.get("versions", {})
     rows = [["date (UTC)", str(provenance.get("date"))],
@@ -202,6 +218,7 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
         blocks += [("h2", f"{teacher.main_metric} vs latency"),
                    ("image", (SCORE_LATENCY, images[SCORE_LATENCY], "score vs latency"))]
     blocks += _per_class_blocks({"teacher": teacher, "student": student})
+    blocks += _similarity_blocks({"teacher": teacher, "student": student})
     if RELIABILITY in images:
         blocks += [("h2", "Reliability diagram"), ("image", (RELIABILITY, images[RELIABILITY],
                                                              "reliability diagram"))]
