@@ -254,3 +254,31 @@ def test_bad_int8_settings_are_one_line_errors(job_tree, export, task, error):
     with pytest.raises(KDForgeError, match=error) as info:
         validate_config({**job_tree, "task": {**job_tree["task"], **task}, "export": export})
     assert "\n" not in str(info.value)
+
+
+def test_a_vision_runs_static_int8_quantises_its_convolutions(tmp_path, monkeypatch):
+    """The run's path for an image task: the collated training images calibrate, every convolution is int8."""
+    from kdforge.evaluation.run_report import write_exports
+    from kdforge.run_folder import RunFolder
+    from kdforge.tasks.base import build_task
+    from tests.test_vision import cifar_members, write_zip
+
+    monkeypatch.setenv("KDFORGE_CACHE", str(tmp_path / "cache"))
+    data = write_zip(tmp_path / "cifar10-jpeg.zip", cifar_members(train=4, test=2))
+    config = validate_config({"task": {"name": "cifar10", "data_dir": str(data)},
+                              "teacher": {"model": "vision:resnet8"}, "student": {"model": "vision:resnet8"},
+                              "export": {"onnx": True, "int8": True, "int8_mode": "static", "calibration_rows": 16},
+                              "output_dir": str(tmp_path / "run")})
+    task = build_task(config.task)
+    train_rows = len(task.split("train"))
+    asked = _spy_splits(task, monkeypatch)
+    torch.manual_seed(0)
+    teacher, student = (LoadedModel(build_vision_net("resnet8", 10).eval(), None, "resnet8") for _ in range(2))
+    paths = write_exports(config, teacher, student, RunFolder(tmp_path / "run"), task)
+    assert set(asked) == {"train"}
+    graph = onnx.load(str(paths["student onnx int8"])).graph
+    producers = _producers(graph)
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(producers[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    assert train_rows < 16  # fewer training images than calibration_rows: all of them calibrate
+    assert int8_choice.read_int8_record(paths["student onnx int8"])["calibration"]["rows"] == train_rows
