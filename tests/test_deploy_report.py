@@ -52,8 +52,10 @@ def test_every_form_is_exported_scored_and_timed(exported_run):
     assert forms["student onnx fp32"]["metrics"] == pytest.approx(saved["student"]["metrics"], abs=1e-9)
     assert forms["teacher onnx fp32"]["metrics"] == pytest.approx(saved["teacher"]["metrics"], abs=1e-9)
     assert forms["student onnx fp32"]["ece"] == pytest.approx(saved["student"]["ece"], abs=1e-4)
-    # int8 weights: the file is several times smaller than the fp32 one
+    # int8 weights: the file is several times smaller than the fp32 one; how it was made is recorded and said
     assert forms["student onnx int8"]["size_mb"] < 0.5 * forms["student onnx fp32"]["size_mb"]
+    assert saved["int8"] == {"requested": "dynamic", "mode": "dynamic"}
+    assert "student onnx int8: dynamic int8" in (run / "report.md").read_text()
     # one interleaved measurement, the teacher its reference: every other form has a speedup with an interval
     latency = saved["latency"]
     assert latency["reference"] == "teacher"

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     export = add("export", "export a finished run's teacher and student to ONNX (and int8), evaluate every form",
                  "RUN_DIR")
     export.add_argument("--onnx", action="store_true", help="ONNX fp32 (the default when nothing is given)")
-    export.add_argument("--int8", action="store_true", help="also the student as int8 (onnxruntime dynamic)")
+    export.add_argument("--int8", action="store_true",
+                        help="also the student as int8 (export.int8_mode, default dynamic)")
     add("bench-latency", "re-measure a finished run's latencies on this machine (interleaved)", "RUN_DIR")
     compare = sub.add_parser("compare", help="one page with several runs side by side (score, ECE, latency, size, "
                              "config differences, Pareto chart)")

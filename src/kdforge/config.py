@@ -295,8 +295,18 @@ class ExportConfig(Strict):
     """Deployment formats written beside ``student/`` (and evaluated in the report like the PyTorch model)."""
 
     onnx: bool = Field(False, description="export teacher and student to ONNX (fp32, dynamic batch and sequence)")
-    int8: bool = Field(False, description="also the student as int8 (onnxruntime dynamic quantization); "
-                       "needs export.onnx")
+    int8: bool = Field(False, description="also the student as int8 (onnxruntime quantization, "
+                       "export.int8_mode); needs export.onnx")
+    int8_mode: Literal["dynamic", "static", "best"] = Field(
+        "dynamic", description="dynamic: int8 weights, activations quantized at run time (no data needed); static: "
+        "activations too, their ranges calibrated on export.calibration_rows training rows (convolutions "
+        "quantized: where static pays); best: both written, the faster of those within export.int8_max_drop of "
+        "the fp32 score on the validation split kept (needs task.validation); kdforge.deploy.quantize")
+    calibration_rows: PositiveInt = Field(256, description="static int8: training rows (a fixed seeded sample) "
+                                          "whose activations set the quantization ranges")
+    int8_max_drop: float = Field(0.01, ge=0, description="int8_mode best: the largest drop of the main metric from "
+                                 "the fp32 ONNX student on the validation split (0.01 = 1 point of accuracy) a "
+                                 "candidate may have")
     opset: PositiveInt = Field(18, description="ONNX opset version")
     fuse: bool = Field(True, description="text encoders: ONNX Runtime's transformer fusions (SkipLayerNormalization, "
                        "BiasGelu) on the fp32 file, kept when the logits agree within 1e-4 "
@@ -307,6 +317,9 @@ class ExportConfig(Strict):
     def _int8_needs_onnx(self) -> ExportConfig:
         if self.int8 and not self.onnx:
             raise ValueError("export.int8 quantizes the ONNX student: set export.onnx: true too")
+        if self.int8_mode != "dynamic" and not self.int8:
+            raise ValueError(f"export.int8_mode {self.int8_mode} chooses how the int8 student is made: set "
+                             "export.int8: true and export.onnx: true too")
         return self
 
 
@@ -516,6 +529,13 @@ class JobConfig(Strict):
                 where = ".".join(str(p) for p in first["loc"])
                 msg = "this config key does not exist" if first["type"] == "extra_forbidden" else first["msg"]
                 raise ValueError(f"stages.{i}.train.{where}: {msg}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _int8_best_needs_validation(self) -> JobConfig:
+        if self.export.int8_mode == "best" and self.task.validation is None:
+            raise ValueError("export.int8_mode best chooses on the validation split, never on the reported one: set "
+                             "task.validation (e.g. 0.1), or int8_mode dynamic / static")
         return self
 
     def all_stages(self) -> list[StageConfig]:

@@ -118,7 +118,7 @@ def run_distill(config: JobConfig, resume: bool = False, overwrite: bool = False
                 export_model(models[STUDENT], run.student)
                 for role in trained_roles(config):
                     export_model(models[role], run.model(role))
-                onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run)
+                onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run, task)
             result = report_run(config, task, models, run, history, timer, onnx_files)
             run.finish(config)
             return result
@@ -175,7 +175,7 @@ def run_eval(target: str | Path, overrides=None, onnx: bool = False, int8: bool 
         task = build_task(config.task)
         models = load_run_models(config, run, task, black_boxes)
         with timer.phase("export"):
-            onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run) \
+            onnx_files = write_exports(config, models[primary_teacher(config)], models[STUDENT], run, task) \
                 if onnx or int8 else run.existing_onnx_files()
         saved = read_json(run.metrics, f"delete it and run `kdforge eval {run.root}` again") if run.finished else {}
         selected = {"selected_on": saved.get("selected_on")} if saved else None  # where training chose, not now

@@ -12,7 +12,8 @@ Layout (``output_dir``)::
     metrics.json         teacher and student reports + comparison (+ the other roles' scores); written
                          last: its presence marks a finished run
     models/<role>/       every other model a stage trained (assistants, online peers), exported like the student
-    exports/             teacher.onnx, student.onnx, student.int8.onnx (export.onnx / export.int8)
+    exports/             teacher.onnx, student.onnx, student.int8.onnx (export.onnx / export.int8) and
+                         student.int8.json (how the int8 file was made: export.int8_mode)
     report.md/.html      the same as a document (warnings, baseline, every form, per-class scores, plots,
                          provenance), with its PNGs (reliability, training curves, score vs latency)
     evaluations/<date>/  each `kdforge eval` / `kdforge export`: a new report and metrics.json

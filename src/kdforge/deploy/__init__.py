@@ -7,7 +7,10 @@ version, ONNX Runtime inference, and the exported student's model card.
   exported student.
 * :mod:`kdforge.deploy.onnx_export` -- ``export_onnx(loaded, path)``: fp32 ONNX with dynamic batch
   (and sequence) axes, written atomically.
-* :mod:`kdforge.deploy.quantize` -- ``quantize_int8(onnx_path, out_path)``: dynamic int8 weights.
+* :mod:`kdforge.deploy.quantize` -- ``quantize_int8(onnx_path, out_path)``: dynamic int8;
+  ``quantize_static_int8(onnx_path, out_path, batches)``: static int8 calibrated on ``batches``.
+* :mod:`kdforge.deploy.calibration` -- ``calibration_batches``: a fixed sample of a task's training rows
+  as the ONNX file's inputs (static int8's calibration data).
 * :mod:`kdforge.deploy.onnx_runtime` -- ``make_session``, ``OnnxAdapter`` (scored by ``Task.evaluate``
   like a PyTorch model) and ``onnx_forward`` (for latency timing).
 

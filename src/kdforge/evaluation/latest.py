@@ -28,8 +28,8 @@ from kdforge.run_folder import RunFolder
 
 #: where the results written by the training run itself come from
 THE_RUN = "the training run"
-#: what an evaluation brings besides its forms: what goes with its scores
-WITH_SCORES = ("baseline", "warnings", "reported_on")
+#: what an evaluation brings besides its forms: what goes with its scores (``int8``: how its int8 file was made)
+WITH_SCORES = ("baseline", "warnings", "reported_on", "int8")
 
 
 def deployment_forms(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ from kdforge.blackbox.teacher import stats_line
 from kdforge.config import PRIMARY_TEACHER, STUDENT, JobConfig, dump_config
 from kdforge.deploy.model_card import Deployment
 from kdforge.evaluation.evaluate import Form, ensemble_form, onnx_form, pytorch_form, score_form, time_forms
+from kdforge.evaluation.int8_choice import int8_line, read_int8_record, write_int8
 from kdforge.evaluation.latency import describe_latency_noise
 from kdforge.evaluation.latest import deployment_forms, describe_cpu, latest_measurements, measured_lines
 from kdforge.evaluation.model_report import (
@@ -42,14 +43,15 @@ from kdforge.tasks.base import Task
 log = logging.getLogger("kdforge")
 
 
-def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run: RunFolder) -> dict[str, Path]:
+def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel, run: RunFolder,
+                  task: Task) -> dict[str, Path]:
     """The ONNX (and int8) files that ``config.export`` asks for (of the primary teacher and the student),
-    written now into the run's ``exports/``; ``{form name: path}``."""
+    written now into the run's ``exports/``; ``{form name: path}``. ``task``: the training rows static int8
+    calibrates on and the validation split int8_mode best chooses on (:mod:`kdforge.evaluation.int8_choice`)."""
     if not config.export.onnx:
         return {}
     from kdforge.deploy.onnx_export import export_onnx
     from kdforge.deploy.onnx_fusion import fuse_transformer
-    from kdforge.deploy.quantize import quantize_int8
 
     paths = run.onnx_files()
     run.exports.mkdir(parents=True, exist_ok=True)
@@ -66,8 +68,8 @@ def write_exports(config: JobConfig, teacher: LoadedModel, student: LoadedModel,
     if not config.export.int8:
         del paths["student onnx int8"]
         return paths
-    log.info("quantizing the student to int8: %s", paths["student onnx int8"])
-    quantize_int8(paths["student onnx fp32"], paths["student onnx int8"])
+    log.info("quantizing the student to int8 (%s): %s", config.export.int8_mode, paths["student onnx int8"])
+    write_int8(config, task, student, paths["student onnx fp32"], paths["student onnx int8"])
     return paths
 
 
@@ -189,6 +191,7 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
               "reported_on": task.describe_split(task.eval_split)}
     if selected is not None:
         splits["selected_on"] = selected.get("selected_on")
+    int8 = read_int8_record(onnx_files.get("student onnx int8"))
     saved = {"task": task.name, "teacher": teacher.to_dict(), "student": student.to_dict(),
              "comparison": comparison_summary(teacher, student),
              "exports": {n: r.to_dict() for n, r in exports.items()},
@@ -197,12 +200,19 @@ def evaluate_run(config: JobConfig, task: Task, models: dict[str, LoadedModel], 
              "baseline": baseline.to_dict() if baseline else None, "warnings": warnings,
              "latency": {k: v for k, v in timing.items() if k != "models"},
              **splits, "provenance": {**provenance, "data": data_sizes(task)}, "history": history or [],
-             **({"black_box": black_box} if black_box else {})}
+             **({"black_box": black_box} if black_box else {}), **({"int8": int8} if int8 else {})}
     write_run_report(out_dir, saved, dump_config(config), phase_histories(config, history, finetune_records),
                      task.greater_is_better)
     for line in warnings:
         log.warning("WARNING: %s", line)
     return saved
+
+
+def notes(saved: dict[str, Any]) -> list[str]:
+    """The lines under the table of ``saved`` (a ``metrics.json``): each black-box teacher's queries, how the
+    int8 student was made."""
+    return [*(stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items()),
+            *([int8_line(saved["int8"])] if saved.get("int8") else [])]
 
 
 def write_run_report(out_dir: Path, saved: dict[str, Any], config_yaml: str, histories: dict[str, list[dict]],
@@ -216,7 +226,7 @@ def write_run_report(out_dir: Path, saved: dict[str, Any], config_yaml: str, his
     findings = Findings(baseline=baseline, forms=forms, latency=saved.get("latency"),
                         warnings=list(saved.get("warnings") or []), histories=histories,
                         provenance=saved.get("provenance"), greater_is_better=greater_is_better,
-                        notes=[stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items()],
+                        notes=notes(saved),
                         latest=latest)
     return write_report(out_dir, forms["teacher"], forms["student"], title=f"kdforge: {saved['task']}",
                         config_yaml=config_yaml, history=saved.get("history"), findings=findings,
@@ -235,8 +245,7 @@ def result_table(saved: dict[str, Any]) -> str:
                          ModelReport.from_dict(baseline) if baseline else None, saved.get("warnings") or (),
                          forms, saved.get("latency"))
     noise = describe_latency_noise(saved["latency"]) if saved.get("latency") else None
-    table = "\n".join([table, *(stats_line(role, stats) for role, stats in (saved.get("black_box") or {}).items()),
-                       *(measured_lines(saved) if saved.get("measured_again") else [])])
+    table = "\n".join([table, *notes(saved), *(measured_lines(saved) if saved.get("measured_again") else [])])
     return f"{table}\nWARNING: {noise}" if noise else table
 
 
