@@ -197,3 +197,18 @@ def test_the_run_report_shows_the_similarity_information_of_each_classifier(tmp_
     text = (tmp_path / "report.md").read_text()
     assert "## Similarity information in the responses" in text
     assert "| teacher | 0.6123 | 0.4000 | 0.1000 |" in text and "| student | 0.8000 | n/a | 0.2000 |" in text
+
+
+def test_the_newest_int8_record_goes_with_the_evaluation_that_made_it(measured_run, tmp_path):
+    from kdforge.evaluation.run_report import write_run_report
+
+    run, saved = measured_run
+    static = {"mode": "static", "calibration": {"rows": 256, "split": "train", "seed": 0}}
+    evaluation = run / "evaluations/2025-01-02T00-00-00Z/metrics.json"
+    write_json(evaluation, {**json.loads(evaluation.read_text()), "int8": static})
+    latest = latest_measurements({**saved, "int8": {"mode": "dynamic"}}, run)
+    assert latest["int8"] == static
+    assert "student onnx int8: static int8, calibrated on 256 train rows (seed 0)" in result_table(latest)
+    write_run_report(tmp_path, {**saved, "int8": {"mode": "dynamic"}}, "", {}, True, latest)
+    newest = (tmp_path / "report.md").read_text().split("## Teacher vs student")[0]
+    assert "static int8, calibrated on 256 train rows" in newest  # the newest section says how it was made

@@ -118,6 +118,7 @@ def latest_blocks(latest: dict[str, Any]) -> list[Block]:
         *([("p", f"Latency: median ms per call at {timed}; speedup over the {reference} "
                  "from the measurement that timed the form (95% paired-bootstrap interval).")] if timed else []),
         *(("p", line) for line in measured_lines(latest)),
+        *(("p", line) for line in latest.get("notes") or ()),  # e.g. how the newest int8 file was made
     ]
     if noise := describe_latency_noise(latest["latency"]):
         blocks.append(("warning", noise))

@@ -226,8 +226,7 @@ def write_run_report(out_dir: Path, saved: dict[str, Any], config_yaml: str, his
     findings = Findings(baseline=baseline, forms=forms, latency=saved.get("latency"),
                         warnings=list(saved.get("warnings") or []), histories=histories,
                         provenance=saved.get("provenance"), greater_is_better=greater_is_better,
-                        notes=notes(saved),
-                        latest=latest)
+                        notes=notes(saved), latest=latest and {**latest, "notes": notes(latest)})
     return write_report(out_dir, forms["teacher"], forms["student"], title=f"kdforge: {saved['task']}",
                         config_yaml=config_yaml, history=saved.get("history"), findings=findings,
                         selected_on=saved.get("selected_on"), reported_on=saved.get("reported_on"))
