@@ -160,7 +160,9 @@ def find_or_finetune_teacher(config: JobConfig, task: Task, role: str | None = N
                              folder: str | Path | None = None) -> LoadedModel:
     """Teacher ``role`` (default: the primary one; it has a ``finetune`` section) fine-tuned on the task:
     found again in ``folder`` (default: its folder in the run) by its fingerprint, else fine-tuned into it
-    now. Runs that share ``folder`` share the teacher: it is trained once per fingerprint."""
+    now. Runs that share ``folder`` share the teacher: it is trained once per fingerprint. A run's own folder
+    is backed by the teacher store (:func:`teacher_store`, unless ``finetune.store`` is false): an identical
+    teacher there is copied into the run instead of fine-tuned, and a newly fine-tuned one is copied there."""
     role = role or primary_teacher(config)
     found = find_finetuned_teacher(config, task, role, folder)
     if found is not None:
