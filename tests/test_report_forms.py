@@ -212,3 +212,16 @@ def test_the_newest_int8_record_goes_with_the_evaluation_that_made_it(measured_r
     write_run_report(tmp_path, {**saved, "int8": {"mode": "dynamic"}}, "", {}, True, latest)
     newest = (tmp_path / "report.md").read_text().split("## Teacher vs student")[0]
     assert "static int8, calibrated on 256 train rows" in newest  # the newest section says how it was made
+
+
+def test_a_noisy_page_names_the_command_that_measures_again(tmp_path):
+    from kdforge.evaluation.run_page import Findings, write_report
+
+    teacher, student = (ModelReport.from_dict(report(name, 0.9, 2.0)) for name in ("teacher", "student"))
+    noisy = {**timing({"student": 2.0}, ["machine load 5.0 on 2 CPUs"]), "models": {}}
+    write_report(tmp_path, teacher, student, "t", "", findings=Findings(latency=noisy))
+    assert "`kdforge bench-latency RUN_DIR`" in (tmp_path / "report.md").read_text()
+    write_report(tmp_path, teacher, student, "t", "",
+                 findings=Findings(latency=noisy, remeasure="Distiller.report(...)"))
+    text = (tmp_path / "report.md").read_text()
+    assert "machine load 5.0 on 2 CPUs" in text and "`Distiller.report(...)`" in text and "bench-latency" not in text

@@ -160,10 +160,12 @@ def report_modules(teacher: nn.Module, student: nn.Module, adapter: Callable[[nn
     for name, report in forms.items():
         report.latency = {**timing["models"][name], "interleaved": True}
     baseline = majority_baseline(train_labels, logits, labels, metric, main_metric, config.ece_bins)
-    findings = Findings(baseline=baseline, forms=forms, latency=timing, provenance=provenance, notes=notes)
+    remeasure = "Distiller.report(...)"
+    findings = Findings(baseline=baseline, forms=forms, latency=timing, provenance=provenance, notes=notes,
+                        remeasure=remeasure)
     write_report(out.root, forms["teacher"], forms["student"], title="kdforge: Distiller report", config_yaml="",
                  history=history, selected_on=selected_on, reported_on=reported_on, findings=findings)
-    noise = describe_latency_noise(timing, rerun_hint="Distiller.report again on an idle machine")
+    noise = describe_latency_noise(timing, remeasure)
     exported = {n: r for n, r in forms.items() if n not in modules}
     table = "\n".join([format_table(forms["teacher"], forms["student"], selected_on, reported_on, baseline,
                                     forms=exported, latency=timing),

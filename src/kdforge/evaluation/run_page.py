@@ -60,6 +60,7 @@ class Findings:
     notes:      lines shown under the teacher-vs-student table (e.g. a black-box teacher's queries).
     latest:     the run's newest measurements (:func:`kdforge.evaluation.latest.latest_measurements`), shown
                 first when it holds any measurement made after training.
+    remeasure:  the command a noisy latency warning tells the reader to run again.
     """
 
     baseline: ModelReport | None = None
@@ -71,6 +72,7 @@ class Findings:
     greater_is_better: bool = True
     notes: list[str] = field(default_factory=list)
     latest: dict[str, Any] | None = None
+    remeasure: str = "kdforge bench-latency RUN_DIR"
 
 
 def forms_table(forms: dict[str, ModelReport], latency: dict | None, teacher: ModelReport,
@@ -213,7 +215,7 @@ def report_blocks(teacher: ModelReport, student: ModelReport, title: str, config
             blocks.append(("p", "Speedup = teacher median / form median; the interval is a 95% bootstrap over "
                                 "measurement rounds (each round times every form once, in rotating order, so a "
                                 "load change hits all of them)."))
-            if noise := describe_latency_noise(findings.latency):
+            if noise := describe_latency_noise(findings.latency, findings.remeasure):
                 blocks.append(("warning", noise))
     if SCORE_LATENCY in images:
         blocks += [("h2", f"{teacher.main_metric} vs latency"),
