@@ -31,10 +31,11 @@ from kdforge.evaluation.size import count_parameters, dir_size_mb, size_on_disk_
 from kdforge.io import atomic_write_json
 from kdforge.models.adapter import NON_INPUT_KEYS
 from kdforge.models.loading import LoadedModel
-from kdforge.problems.calibration import reliability_bins, softmax
+from kdforge.problems import Classification
 from kdforge.run_folder import Results
 
 log = logging.getLogger("kdforge")
+CLASSIFICATION = Classification()  # ECE and the majority baseline of class logits, as a classification task's
 
 Predict = Callable[[nn.Module], tuple[np.ndarray, np.ndarray]]  # adapter -> (logits, labels) on the loader
 Metric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
@@ -73,25 +74,21 @@ def score(name: str, logits: np.ndarray, labels: np.ndarray, metric: Metric, mai
     if main_metric not in metrics:
         raise KDForgeError(f"the metric returned {sorted(metrics)}, not the main metric {main_metric!r}; pass "
                            "main_metric= one of those to the Distiller")
-    bins = reliability_bins(softmax(logits.astype(np.float64)), labels, ece_bins) \
-        if is_class_logits(logits, labels) else None
+    bins = CLASSIFICATION.calibration(logits, labels, ece_bins) if is_class_logits(logits, labels) else None
     return ModelReport(name=name, metrics=metrics, main_metric=main_metric, ece=bins["ece"] if bins else None,
                        params=params, size_mb=size_mb, latency={}, reliability=bins)
 
 
 def majority_baseline(train_labels: np.ndarray | None, eval_logits: np.ndarray, eval_labels: np.ndarray,
                       metric: Metric, main_metric: str, ece_bins: int) -> ModelReport | None:
-    """The input-blind classifier: log of the training prior for every row (its argmax the majority class);
-    None without training labels or class logits."""
+    """The input-blind classifier of the classification problem kind (:meth:`kdforge.problems.Classification.
+    baseline`: log of the training prior for every row, its argmax the majority class); None without training
+    labels or class logits."""
     if train_labels is None or not is_class_logits(eval_logits, eval_labels):
         return None
-    prior = np.bincount(train_labels.astype(np.int64), minlength=eval_logits.shape[1]) / len(train_labels)
-    probs = np.tile(prior, (len(eval_labels), 1))
-    with np.errstate(divide="ignore"):
-        metrics = metric(np.log(probs), eval_labels)
-    bins = reliability_bins(probs, eval_labels, ece_bins)
-    return ModelReport(name="majority class", metrics=metrics, main_metric=main_metric, ece=bins["ece"], params=0,
-                       size_mb=0.0, latency={}, reliability=None)
+    scores = CLASSIFICATION.baseline(metric, train_labels, eval_labels, eval_logits.shape[1], ece_bins)
+    return ModelReport(name=CLASSIFICATION.baseline_name, metrics=scores.metrics, main_metric=main_metric,
+                       ece=scores.ece, params=0, size_mb=0.0, latency={}, reliability=None)
 
 
 def example_inputs(batch: dict[str, Any]) -> dict[str, Any] | torch.Tensor:
