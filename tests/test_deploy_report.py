@@ -25,15 +25,21 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory, sentiment_dir, tiny_teacher_dir) -> Path:
     """One finished distill run with export.onnx and export.int8 (shared by the tests below: read only)."""
-    out = tmp_path_factory.mktemp("deploy") / "run"
+    return distilled(tmp_path_factory.mktemp("deploy") / "run", sentiment_dir, tiny_teacher_dir, epochs=2,
+                     eval={"latency_seq_len": 16, "latency_repeats": 3}, export={"onnx": True, "int8": True})
+
+
+def distilled(out: Path, sentiment_dir: Path, tiny_teacher_dir: Path, epochs: int, **sections) -> Path:
+    """A finished distill run of the tiny teacher on the sentiment CSVs into ``out``; ``sections`` are added
+    (``eval`` merged into the fast latency settings)."""
     tree = {
         "task": {"name": "csv", "train_file": str(sentiment_dir / "train.csv"),
                  "dev_file": str(sentiment_dir / "dev.csv"), "max_length": 16},
         "teacher": {"model": str(tiny_teacher_dir), "finetune": {"epochs": 3, "lr": 3e-3, "batch_size": 16}},
         "student": {"layers": [0, 3]},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 0, "device": "cpu"},
-        "eval": {"latency_batch_sizes": [1, 4], "latency_seq_len": 16, "latency_repeats": 3, "latency_warmup": 1},
-        "export": {"onnx": True, "int8": True},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 3e-3, "seed": 0, "device": "cpu"},
+        **sections,
+        "eval": {"latency_batch_sizes": [1, 4], "latency_warmup": 1, **sections.get("eval", {})},
         "output_dir": str(out),
     }
     jobs.run_distill(validate_config(tree))
@@ -214,18 +220,8 @@ INT8 = "student onnx int8"
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory, sentiment_dir, tiny_teacher_dir) -> Path:
     """A finished run distilled without ONNX, its latency left at the default length (task.max_length 16)."""
-    out = tmp_path_factory.mktemp("plain") / "run"
-    tree = {
-        "task": {"name": "csv", "train_file": str(sentiment_dir / "train.csv"),
-                 "dev_file": str(sentiment_dir / "dev.csv"), "max_length": 16},
-        "teacher": {"model": str(tiny_teacher_dir), "finetune": {"epochs": 3, "lr": 3e-3, "batch_size": 16}},
-        "student": {"layers": [0, 3]},
-        "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "seed": 0, "device": "cpu"},
-        "eval": {"latency_batch_sizes": [1, 4], "latency_repeats": 2, "latency_warmup": 1},
-        "output_dir": str(out),
-    }
-    jobs.run_distill(validate_config(tree))
-    return out
+    return distilled(tmp_path_factory.mktemp("plain") / "run", sentiment_dir, tiny_teacher_dir, epochs=1,
+                     eval={"latency_repeats": 2})
 
 
 def _row(table: str, name: str) -> list[str]:
