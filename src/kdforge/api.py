@@ -164,6 +164,11 @@ class _AsBatch:
         return as_batch(self.collate_fn(samples))
 
 
+def loader_predictions(adapter: nn.Module, loader: DataLoader, device) -> tuple[np.ndarray, np.ndarray]:
+    """``adapter``'s logits and the labels over ``loader``'s rows, collated by its ``collate_fn``."""
+    return predict(adapter, loader.dataset, _AsBatch(loader.collate_fn), loader.batch_size or 64, device)
+
+
 def describe_loader(loader: DataLoader, what: str) -> str:
     return f"{what} ({len(loader.dataset)} rows)"
 
@@ -328,17 +333,14 @@ class Distiller:
         return self.module.learner if self.module is not None else ModelAdapter(self._student)
 
     def _score(self, adapter: nn.Module, loader: DataLoader, device) -> dict[str, float]:
-        logits, labels = predict(adapter, loader.dataset, _AsBatch(loader.collate_fn),
-                                 loader.batch_size or 64, device)
-        return self.metric(logits, labels)
+        return self.metric(*loader_predictions(adapter, loader, device))
 
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
         device = next(self.student.parameters()).device
         return self._score(self._learner(), loader, device)
 
     def predict(self, loader: DataLoader) -> np.ndarray:
-        return predict(self._learner(), loader.dataset, _AsBatch(loader.collate_fn),
-                       loader.batch_size or 64, next(self.student.parameters()).device)[0]
+        return loader_predictions(self._learner(), loader, next(self.student.parameters()).device)[0]
 
     def save(self, path: str | Path, tokenizer: Any = None) -> Path:
         """Write the student in its natural format into folder ``path`` (atomically) and return it: a Hugging
@@ -378,7 +380,6 @@ class Distiller:
         teacher = self.teachers.get(PRIMARY_TEACHER) or next(iter(self.teachers.values()))
         example = next(iter(eval_loader)) if example_inputs is None else \
             dict(example_inputs) if isinstance(example_inputs, Mapping) else {"inputs": example_inputs}
-        collate = _AsBatch(eval_loader.collate_fn)
         reported = describe_loader(eval_loader, "the loader given to report")
         selected = None if self._selection is None else describe_loader(self._selection, "the eval_loader of fit")
         if self._selection is not None and self._selection.dataset is eval_loader.dataset:
@@ -387,7 +388,7 @@ class Distiller:
                       "command": "kdforge.Distiller(...).report(...) in your script"}
         return report_modules(
             teacher.to("cpu"), self.student.to("cpu"), ModelAdapter,
-            lambda adapter: predict(adapter, eval_loader.dataset, collate, eval_loader.batch_size or 64, "cpu"),
+            lambda adapter: loader_predictions(adapter, eval_loader, "cpu"),
             self.metric, self.main_metric, as_batch(example), self._train_labels(),
             Path(output_dir or self.output_dir / "report"), eval_config or EvalConfig(), onnx,
             self.state.history if self.state else None, selected, reported, provenance)
